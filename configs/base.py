@@ -1,0 +1,51 @@
+"""Defaults shared by every qreg config; each config file overrides what differs."""
+import ml_collections
+
+# (weight_bits, act_bits); None = float. Issue #2's default sweep.
+DEFAULT_BIT_SETTINGS = [(None, None), (8, 8), (6, 6), (5, 5), (4, 4), (4, None), (None, 4), (3, 3)]
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "fashion_mnist"
+  config.data.source = "tfds"  # 'tfds' or 'idx' (original IDX files; MNIST-like datasets only)
+  config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  config.data.download = False  # never fetch data unless asked
+  config.data.batch_size = 128  # global, over all devices and processes
+  config.data.image_size = 224  # ImageNet crop size; ignored by the 28x28 / 32x32 datasets
+  config.data.shuffle_buffer = 10_000
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "small_cnn"
+  config.model.stem = "cifar"  # resnet18 only: 'cifar' or 'imagenet'
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = "sgd"
+  config.optim.learning_rate = 0.05
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 5e-4
+  config.optim.schedule = "cosine"
+  config.optim.warmup_epochs = 0
+
+  # Gradient-l1 penalty: lambda_w on conv/dense kernels, lambda_a on tapped
+  # activations, applied from epoch start_epoch on (0 = from the start).
+  config.reg = ml_collections.ConfigDict()
+  config.reg.lambda_w = 0.0
+  config.reg.lambda_a = 0.0
+  config.reg.start_epoch = 0
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_epochs = 10
+  config.train.log_every_steps = 100
+
+  config.quant = ml_collections.ConfigDict()
+  config.quant.bit_settings = DEFAULT_BIT_SETTINGS
+  config.quant.per_channel = False  # per-tensor weight scales by default
+  config.quant.num_calibration_batches = 10
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 500
+  return config

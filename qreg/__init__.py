@@ -1,0 +1,1 @@
+"""qreg: gradient-l1 regularization for quantization robustness (Alizadeh et al., ICLR 2020)."""

@@ -1,0 +1,22 @@
+"""Flax Linen models, built from a config by `build_model`."""
+from qreg.models.layers import BN_EPSILON
+from qreg.models.resnet import ResNet18
+from qreg.models.small_cnn import SmallCNN
+from qreg.models.vgg import VGGLike
+
+MODELS = ("small_cnn", "vgg_like", "resnet18")
+
+
+def build_model(model_config, num_classes: int):
+  """Returns the float, unfolded model named by model_config.name."""
+  name = model_config.name
+  if name == "small_cnn":
+    return SmallCNN(num_classes=num_classes)
+  if name == "vgg_like":
+    return VGGLike(num_classes=num_classes)
+  if name == "resnet18":
+    return ResNet18(num_classes=num_classes, stem=model_config.get("stem", "cifar"))
+  raise ValueError(f"Unknown model {name!r}; expected one of {MODELS}.")
+
+
+__all__ = ["BN_EPSILON", "MODELS", "ResNet18", "SmallCNN", "VGGLike", "build_model"]

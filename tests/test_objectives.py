@@ -1,0 +1,129 @@
+"""The gradient-l1 penalty and the train step, against independent computations."""
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from qreg import objectives, parallel, train
+from qreg.models import SmallCNN
+
+MODEL = SmallCNN(num_classes=3, widths=(3, 4), hidden=5)
+SHAPE = (6, 8, 8, 1)
+
+
+def _problem(dtype=jnp.float32, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  variables = MODEL.init(keys[0], jnp.zeros(SHAPE, dtype), train=False)
+  params = jax.tree.map(lambda v: v.astype(dtype), variables["params"])
+  stats = jax.tree.map(lambda v: v.astype(dtype), variables["batch_stats"])
+  batch = {"image": jax.random.normal(keys[1], SHAPE, dtype),
+           "label": jax.random.randint(keys[2], (SHAPE[0],), 0, 3)}
+  return params, stats, batch
+
+
+def _loss(params, stats, batch, penalty):
+  return objectives.penalized_loss(params, stats, batch, MODEL.apply, penalty)[0]
+
+
+@pytest.mark.parametrize("penalty", [objectives.Penalty(0.3, 0.0), objectives.Penalty(0.0, 0.3),
+                                     objectives.Penalty(0.2, 0.5)])
+def test_penalized_gradient_matches_central_differences(penalty):
+  with jax.enable_x64(True):
+    params, stats, batch = _problem(jnp.float64)
+    loss = functools.partial(_loss, stats=stats, batch=batch, penalty=penalty)
+    grad = jax.grad(loss)(params)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+      direction = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+      eps = 1e-6
+      plus = jax.tree.map(lambda p, d: p + eps * d, params, direction)
+      minus = jax.tree.map(lambda p, d: p - eps * d, params, direction)
+      numeric = (loss(plus) - loss(minus)) / (2 * eps)
+      analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad),
+                                                      jax.tree.leaves(direction)))
+      np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_weight_penalty_gradient_is_hessian_times_sign_by_jvp():
+  """d/dW sum|dL/dW_k| = H . sign(dL/dW) restricted to kernels: forward-over-reverse, independently."""
+  with jax.enable_x64(True):
+    params, stats, batch = _problem(jnp.float64)
+    task = lambda p: objectives.task_loss(p, None, stats, batch, MODEL.apply)[0]
+    grad_task = jax.grad(task)
+    g = grad_task(params)
+    is_kernel = jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", g)
+    signs = jax.tree.map(lambda gi, k: jnp.sign(gi) if k else jnp.zeros_like(gi), g, is_kernel)
+    _, hvp = jax.jvp(grad_task, (params,), (signs,))
+    lam = 0.7
+    expected = jax.tree.map(lambda a, b: a + lam * b, g, hvp)
+    got = jax.grad(_loss)(params, stats, batch, objectives.Penalty(lam, 0.0))
+    chex.assert_trees_all_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_activation_gradients_match_explicit_perturbation_differences():
+  """The penalized dL/da equals a finite difference of the loss w.r.t. one activation entry."""
+  with jax.enable_x64(True):
+    params, stats, batch = _problem(jnp.float64)
+    zeros = objectives.zero_perturbations(MODEL.apply, params, stats, batch["image"])
+    loss = lambda pert: objectives.task_loss(params, pert, stats, batch, MODEL.apply)[0]
+    grads = jax.grad(loss)(zeros)
+    _, (_, _, terms) = objectives.penalized_loss(params, stats, batch, MODEL.apply,
+                                                  objectives.Penalty(0.0, 1.0))
+    np.testing.assert_allclose(terms["grad_l1_activations"], objectives.l1_norm(grads), rtol=1e-12)
+    leaf_path = ("act1", "activation")
+    index = (1, 2, 3, 0)
+    bump = lambda eps: jax.tree_util.tree_map_with_path(
+        lambda path, z: z.at[index].add(eps) if tuple(k.key for k in path) == leaf_path else z, zeros)
+    eps = 1e-6
+    numeric = (loss(bump(eps)) - loss(bump(-eps))) / (2 * eps)
+    np.testing.assert_allclose(grads["act1"]["activation"][index], numeric, rtol=1e-5, atol=1e-10)
+
+
+def test_penalty_terms_are_the_l1_norms_of_the_gradients():
+  params, stats, batch = _problem()
+  _, (_, _, terms) = objectives.penalized_loss(params, stats, batch, MODEL.apply,
+                                               objectives.Penalty(1.0, 1.0))
+  g = jax.grad(lambda p: objectives.task_loss(p, None, stats, batch, MODEL.apply)[0])(params)
+  expected = sum(np.abs(np.asarray(leaf)).sum() for path, leaf in
+                 jax.tree_util.tree_leaves_with_path(g) if path[-1].key == "kernel")
+  np.testing.assert_allclose(terms["grad_l1_weights"], expected, rtol=1e-5)
+
+
+def _one_step(penalty, mesh, seed=0):
+  params, stats, batch = _problem(seed=seed)
+  optimizer = optax.sgd(0.1, momentum=0.9)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                           opt_state=optimizer.init(params))
+  step = train.jit_train_step(train.make_train_step(MODEL.apply, optimizer, penalty), mesh, state)
+  batch = parallel.global_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
+  return step(state, batch)
+
+
+def test_zero_lambda_equals_plain_step():
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  plain, _ = _one_step(None, mesh)
+  zero, metrics = _one_step(objectives.Penalty(0.0, 0.0), mesh)
+  chex.assert_trees_all_close(zero.params, plain.params, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(zero.batch_stats, plain.batch_stats, rtol=1e-6, atol=1e-7)
+  assert metrics["grad_l1_weights"] > 0  # the penalty was computed, only weighted by zero
+
+
+def test_batch_stats_update_once_per_regularized_step():
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  plain, _ = _one_step(None, mesh)
+  regularized, _ = _one_step(objectives.Penalty(0.5, 0.5), mesh)
+  chex.assert_trees_all_close(regularized.batch_stats, plain.batch_stats, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("penalty", [None, objectives.Penalty(0.1, 0.1)])
+def test_one_device_equals_several(penalty):
+  assert jax.device_count() >= 2, "conftest should provide several fake CPU devices"
+  one, m1 = _one_step(penalty, parallel.make_mesh(jax.devices()[:1]))
+  many, m2 = _one_step(penalty, parallel.make_mesh(jax.devices()[:2 if SHAPE[0] % 4 else 4]))
+  chex.assert_trees_all_close(many.params, one.params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(many.batch_stats, one.batch_stats, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
