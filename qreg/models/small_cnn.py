@@ -5,10 +5,14 @@ from qreg.models.layers import ConvBN, DenseBN, QuantizedActivation
 
 
 class SmallCNN(nn.Module):
-  """4 conv (32-32-MP-64-64-MP) + FC256 + FC, BatchNorm after every hidden layer."""
+  """conv16-MP-conv32-MP-conv64-FC128-FC, BatchNorm after every hidden layer.
+
+  Max-pooling follows every conv but the last, so most of the compute runs at
+  low resolution: about 2.3 M multiply-adds per 28x28 example.
+  """
   num_classes: int = 10
-  widths: tuple[int, ...] = (32, 32, 64, 64)
-  hidden: int = 256
+  widths: tuple[int, ...] = (16, 32, 64)
+  hidden: int = 128
   act_bits: int | None = None
   folded: bool = False
 
@@ -17,7 +21,7 @@ class SmallCNN(nn.Module):
     for i, width in enumerate(self.widths):
       x = ConvBN(width, folded=self.folded, name=f"conv{i + 1}")(x, train)
       x = QuantizedActivation(self.act_bits, name=f"act{i + 1}")(nn.relu(x))
-      if i % 2 == 1:
+      if i < len(self.widths) - 1:
         x = nn.max_pool(x, (2, 2), (2, 2))
     x = x.reshape((x.shape[0], -1))
     x = DenseBN(self.hidden, folded=self.folded, name="fc1")(x, train)

@@ -1,0 +1,39 @@
+"""Fake data shared by the tests: tiny IDX files written byte by byte, independently of qreg.data."""
+import gzip
+import os
+import struct
+
+import numpy as np
+
+
+def idx_bytes(array: np.ndarray, dtype_code: int = 0x08) -> bytes:
+  header = struct.pack(">HBB", 0, dtype_code, array.ndim)
+  header += struct.pack(f">{array.ndim}I", *array.shape)
+  return header + array.astype(np.uint8).tobytes()
+
+
+def write_file(path, contents: bytes) -> str:
+  with open(path, "wb") as f:
+    f.write(contents)
+  return str(path)
+
+
+def fake_split(num_examples: int, seed: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {
+      "image": rng.integers(0, 256, size=(num_examples, 28, 28), dtype=np.uint8),
+      "label": rng.integers(0, 10, size=num_examples).astype(np.uint8),
+  }
+
+
+def write_idx_dir(directory, num_train: int, num_test: int) -> dict[str, dict[str, np.ndarray]]:
+  """A Fashion-MNIST-shaped IDX directory (train files gzipped, test files not); returns the arrays."""
+  splits = {"train": fake_split(num_train, seed=1), "test": fake_split(num_test, seed=2)}
+  for (split, arrays), suffix in zip(splits.items(), [".gz", ""]):
+    prefix = {"train": "train", "test": "t10k"}[split]
+    for key, kind in [("image", "images-idx3"), ("label", "labels-idx1")]:
+      contents = idx_bytes(arrays[key])
+      if suffix:
+        contents = gzip.compress(contents)
+      write_file(os.path.join(directory, f"{prefix}-{kind}-ubyte{suffix}"), contents)
+  return splits
