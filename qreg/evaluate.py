@@ -164,25 +164,7 @@ def write_results(results: dict[str, Any], workdir: str) -> None:
 
 
 
-def _command_line() -> None:
-  """`python -m qreg.evaluate`: flags are defined here, not at import, since qreg.main defines the same names."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from qreg import train  # pylint: disable=g-import-not-at-top  (train imports this module)
-
-  config = config_flags.DEFINE_config_file("config", None, "Training configuration file.",
-                                           lock_config=True)
-  workdir = flags.DEFINE_string("workdir", None, "Workdir holding the checkpoint to evaluate.")
-  flags.mark_flags_as_required(["config", "workdir"])
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    train.configure_logging()
-    train.evaluate_checkpoint(config.value, workdir.value)
-
-  app.run(main)
-
 
 if __name__ == "__main__":
-  _command_line()
+  from qreg import main, train  # pylint: disable=g-import-not-at-top  (train imports this module)
+  main.run(train.evaluate_checkpoint, "Workdir holding the checkpoint to evaluate.")

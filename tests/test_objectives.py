@@ -11,7 +11,7 @@ import pytest
 from qreg import objectives, parallel, train
 from qreg.models import SmallCNN
 
-MODEL = SmallCNN(num_classes=3, widths=(3, 4), hidden=5)
+MODEL = SmallCNN(num_classes=3, widths=(3, 4), pool_after=(True, False), hidden=5)
 SHAPE = (6, 8, 8, 1)
 
 

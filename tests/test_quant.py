@@ -103,7 +103,7 @@ def _with_random_statistics(model, shape, seed=0):
 
 
 @pytest.mark.parametrize("model,shape", [
-    (SmallCNN(widths=(8, 8), hidden=16), (2, 28, 28, 1)),
+    (SmallCNN(widths=(8, 8), pool_after=(True, False), hidden=16), (2, 28, 28, 1)),
     (VGGLike(widths=(8, 8, 8, 8, 16, 16), hidden=16), (2, 32, 32, 3)),
     (ResNet18(widths=(8, 8, 16, 16), blocks_per_stage=1, stem="cifar"), (2, 32, 32, 3)),
     (ResNet18(widths=(8, 8, 16, 16), blocks_per_stage=1, stem="imagenet"), (2, 64, 64, 3)),

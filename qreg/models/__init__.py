@@ -1,8 +1,7 @@
 """Flax Linen models, built from a config by `build_model`."""
+from qreg.models.convnets import ConvNet, SmallCNN, VGGLike
 from qreg.models.layers import BN_EPSILON
 from qreg.models.resnet import ResNet18
-from qreg.models.small_cnn import SmallCNN
-from qreg.models.vgg import VGGLike
 
 MODELS = ("small_cnn", "vgg_like", "resnet18")
 
@@ -19,4 +18,4 @@ def build_model(model_config, num_classes: int):
   raise ValueError(f"Unknown model {name!r}; expected one of {MODELS}.")
 
 
-__all__ = ["BN_EPSILON", "MODELS", "ResNet18", "SmallCNN", "VGGLike", "build_model"]
+__all__ = ["BN_EPSILON", "ConvNet", "MODELS", "ResNet18", "SmallCNN", "VGGLike", "build_model"]
