@@ -43,8 +43,17 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.quant = ml_collections.ConfigDict()
   config.quant.bit_settings = DEFAULT_BIT_SETTINGS
+  config.quant.weight_scheme = "symmetric"  # or 'asymmetric'
   config.quant.per_channel = False  # per-tensor weight scales by default
+  # "REGEX=BITS" rules on kernel paths, first match wins, e.g. ("^conv1/=8", "^head/=float")
+  # keeps the first layer at 8 bits and the last in float; unmatched kernels get the sweep's bits.
+  config.quant.weight_rules = ()
+  config.quant.act_scheme = "asymmetric"  # or 'symmetric' (for signed activations)
+  config.quant.calibration = "minmax"  # 'minmax', 'percentile' or 'mse'
+  config.quant.percentile = 99.99  # for calibration='percentile'
   config.quant.num_calibration_batches = 10
+  # When set, also report accuracy with one layer at a time quantized to this many bits.
+  config.quant.sensitivity_bits = ml_collections.FieldReference(None, field_type=int)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from qreg import data, evaluate, models, objectives, parallel, quant
+from qreg import data, evaluate, models, objectives, parallel, quant, report
 
 PyTree = Any
 
@@ -221,13 +221,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   results = evaluate.run_sweep(config, model, state.params, state.batch_stats, pipeline, mesh)
   results["step"] = int(state.step)
-  evaluate.write_results(results, workdir)
+  report.write_results(results, workdir)
   return results
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Reruns only the PTQ sweep on the workdir's last checkpoint; writes results like training."""
-  workdir = os.path.abspath(workdir)
+def load_trained(config: ml_collections.ConfigDict, workdir: str):
+  """The model, input pipeline, mesh and last TrainState of a workdir's run."""
   mesh = parallel.make_mesh()
   pipeline = data.build_input_pipeline(config.data)
   model = models.build_model(config.model, pipeline.info.num_classes)
@@ -240,11 +239,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   sharding = parallel.replicated(mesh)
   abstract_state = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract_state)
-  manager = _checkpoint_manager(workdir)
+  manager = _checkpoint_manager(os.path.abspath(workdir))
   state = restore_latest(manager, abstract_state)
   if state is None:
     raise FileNotFoundError(f"No checkpoint in {manager.directory}; train first with qreg.main.")
+  return model, pipeline, mesh, state
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Reruns only the PTQ sweep on the workdir's last checkpoint; writes results like training."""
+  model, pipeline, mesh, state = load_trained(config, workdir)
   results = evaluate.run_sweep(config, model, state.params, state.batch_stats, pipeline, mesh)
   results["step"] = int(state.step)
-  evaluate.write_results(results, workdir)
+  report.write_results(results, os.path.abspath(workdir))
   return results

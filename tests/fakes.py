@@ -5,6 +5,12 @@ import struct
 
 import numpy as np
 
+from configs import fashion_mnist
+
+# A tiny run of the offline default config: 8 steps an epoch, 3 bit settings.
+NUM_TRAIN, NUM_TEST, BATCH = 64, 20, 8
+BIT_SETTINGS = [(None, None), (4, 4), (3, None)]
+
 
 def idx_bytes(array: np.ndarray, dtype_code: int = 0x08) -> bytes:
   header = struct.pack(">HBB", 0, dtype_code, array.ndim)
@@ -37,3 +43,17 @@ def write_idx_dir(directory, num_train: int, num_test: int) -> dict[str, dict[st
         contents = gzip.compress(contents)
       write_file(os.path.join(directory, f"{prefix}-{kind}-ubyte{suffix}"), contents)
   return splits
+
+
+def tiny_config(idx_dir):
+  """configs/fashion_mnist.py on a write_idx_dir directory, sized to run in seconds."""
+  config = fashion_mnist.get_config()
+  config.data.data_dir = idx_dir
+  config.data.batch_size = BATCH
+  config.eval.batch_size = BATCH
+  config.train.num_epochs = 2
+  config.train.log_every_steps = 4
+  config.reg.start_epoch = 1
+  config.quant.bit_settings = BIT_SETTINGS
+  config.quant.num_calibration_batches = 2
+  return config

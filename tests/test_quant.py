@@ -1,10 +1,11 @@
-"""quant.py against naive loops and the quantizer's defining properties."""
+"""quant.py against qwix, naive loops and the quantizer's defining properties."""
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import qwix
 
 from qreg import quant
 from qreg.models import BN_EPSILON, ResNet18, SmallCNN, VGGLike
@@ -129,3 +130,127 @@ def test_symmetric_quantizer_is_odd():
   for bits, axis in itertools.product([2, 4, 8], [None, -1]):
     q = quant.quantize_symmetric(x, bits, channel_axis=axis)
     np.testing.assert_allclose(quant.quantize_symmetric(-x, bits, channel_axis=axis), -q, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits,qtype", [(4, "int4"), (8, "int8")])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_symmetric_absmax_matches_qwix(bits, qtype, per_channel):
+  """qwix spans [-(qmax + 0.5), qmax + 0.5]; scaling its absmax by (qmax + 0.5) / qmax gives
+  qreg's restricted grid k * absmax / qmax, whose integers must then agree exactly."""
+  x = jax.random.normal(jax.random.key(bits), (3, 3, 8, 16)) * jnp.linspace(0.1, 3.0, 16)
+  qmax = 2 ** (bits - 1) - 1
+  reference = qwix.quantize(x, qtype, channelwise_axes=(3,) if per_channel else (),
+                            calibration_method=f"absmax,{(qmax + 0.5) / qmax!r}")
+  ours = quant.quantize_to_integers(x, bits, "symmetric", channel_axis=-1 if per_channel else None)
+  np.testing.assert_array_equal(np.asarray(ours.codes), np.asarray(reference.qvalue, np.int32))
+  np.testing.assert_allclose(np.asarray(ours.scale).reshape(-1),
+                             np.asarray(reference.scale).reshape(-1), rtol=1e-6)
+
+
+def naive_asymmetric(x: np.ndarray, bits: int) -> np.ndarray:
+  """Element by element: integer zero point, 2^b levels spanning [min(x, 0), max(x, 0)]."""
+  low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+  step = (high - low) / (2**bits - 1)
+  zero = round(-low / step)
+  out = np.empty_like(x)
+  for idx in np.ndindex(x.shape):
+    k = min(max(round(float(x[idx]) / step) + zero, 0), 2**bits - 1)
+    out[idx] = (k - zero) * step
+  return out
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_asymmetric_weights_match_naive_loop(bits):
+  x = np.random.default_rng(bits).normal(loc=0.3, size=(4, 6)).astype(np.float32)
+  got = quant.dequantize(quant.quantize_to_integers(jnp.asarray(x), bits, "asymmetric"))
+  np.testing.assert_allclose(got, naive_asymmetric(x, bits), rtol=0, atol=1e-5)
+  per_channel = quant.dequantize(quant.quantize_to_integers(jnp.asarray(x), bits, "asymmetric", -1))
+  expected = np.stack([naive_asymmetric(x[:, c], bits) for c in range(x.shape[1])], -1)
+  np.testing.assert_allclose(per_channel, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8, 12, 16])
+def test_any_bit_width_properties(scheme, bits):
+  x = jax.random.normal(jax.random.key(bits), (64, 32)) * jnp.linspace(0.01, 2.0, 32)
+  for axis in (None, -1):
+    q = quant.quantize_to_integers(x, bits, scheme, axis)
+    qmin, qmax = quant.integer_range(bits, scheme)
+    assert int(q.codes.min()) >= qmin and int(q.codes.max()) <= qmax
+    fake = quant.dequantize(q)
+    # x lies inside its own range, so the error is at most half a step, element by element.
+    step = jnp.broadcast_to(q.scale, x.shape)
+    assert bool(jnp.all(jnp.abs(fake - x) <= step / 2 * (1 + 1e-4) + 1e-7))
+    if bits <= 12:
+      for column in np.asarray(fake).T if axis is not None else [np.asarray(fake)]:
+        assert len(np.unique(column)) <= 2**bits
+    # Idempotent: the quantized tensor is already on its own grid.
+    np.testing.assert_allclose(quant.dequantize(quant.quantize_to_integers(fake, bits, scheme, axis)),
+                               fake, rtol=1e-6, atol=float(jnp.max(q.scale)) * 1e-4)
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_per_channel_error_at_most_per_tensor(scheme, bits):
+  x = jax.random.normal(jax.random.key(0), (3, 3, 16, 32)) * jnp.linspace(0.05, 2.0, 32)
+  err = lambda axis: jnp.sum(jnp.square(
+      quant.dequantize(quant.quantize_to_integers(x, bits, scheme, axis)) - x), axis=(0, 1, 2))
+  # Per channel, each slice's own range is no wider than the tensor's, so its error is no larger.
+  assert bool(jnp.all(err(-1) <= err(None) * (1 + 1e-5) + 1e-9))
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_mse_calibration_error_at_most_minmax(scheme, bits):
+  samples = np.asarray(jax.nn.relu(jax.random.normal(jax.random.key(bits), (20000,)) ** 3))
+  if scheme == "symmetric":
+    samples = samples * np.sign(np.random.default_rng(0).normal(size=samples.shape))
+  err = lambda r: float(quant.quantization_mse(jnp.asarray(samples), *r, bits, scheme))
+  minmax, mse = quant.minmax_range(samples), quant.mse_range(samples, bits, scheme)
+  assert err(mse) <= err(minmax) + 1e-12
+  # On a heavy-tailed activation clipping pays off at low bit-widths.
+  if bits <= 4:
+    assert err(mse) < 0.9 * err(minmax)
+
+
+def test_percentile_range_matches_sorted_samples():
+  samples = np.arange(10001, dtype=np.float32)  # 0 .. 10000
+  low, high = quant.percentile_range(samples, 99.0)
+  assert (low, high) == (100.0, 9900.0)
+  with pytest.raises(ValueError, match="percentile"):
+    quant.percentile_range(samples, 40.0)
+
+
+def test_calibrate_range_rejects_unknown_method():
+  with pytest.raises(ValueError, match="Unknown calibration method"):
+    quant.calibrate_range(np.ones(3), "entropy", 4, "asymmetric")
+
+
+def test_straight_through_value_and_gradient():
+  x = jnp.linspace(-1.0, 1.0, 11)
+  f = lambda x: jnp.sum(jnp.sin(quant.straight_through(x, quant.quantize_symmetric(x, 2))))
+  np.testing.assert_allclose(quant.straight_through(x, quant.quantize_symmetric(x, 2)),
+                             quant.quantize_symmetric(x, 2))
+  # d/dx sum sin(q(x)) through the STE is cos(q(x)): the identity's Jacobian times the outer gradient.
+  np.testing.assert_allclose(jax.grad(f)(x), jnp.cos(quant.quantize_symmetric(x, 2)), rtol=1e-6)
+
+
+def test_weight_rules_pick_bits_per_layer():
+  params = {"conv1": {"conv": {"kernel": jnp.linspace(-1, 1, 50)}},
+            "conv2": {"conv": {"kernel": jnp.linspace(-1, 1, 50)}},
+            "head": {"kernel": jnp.linspace(-1, 1, 50), "bias": jnp.linspace(-1, 1, 50)}}
+  rules = quant.parse_weight_rules(["^conv1/=8", "^head/=float"])
+  q = quant.quantize_params(params, 2, rules=rules)
+  assert len(np.unique(q["conv1"]["conv"]["kernel"])) > 3 * 2 + 1  # 8 bits, not 2
+  assert len(np.unique(q["conv2"]["conv"]["kernel"])) <= 3  # the default 2 bits
+  np.testing.assert_array_equal(q["head"]["kernel"], params["head"]["kernel"])
+  np.testing.assert_array_equal(q["head"]["bias"], params["head"]["bias"])
+  assert quant.quantize_params(params, None, rules=rules) is params  # float means float
+
+
+@pytest.mark.parametrize("rule,message", [("conv1", "REGEX=BITS"), ("^conv1/=1", r"\[2, 16\]"),
+                                          ("^conv1/=four", "integer or 'float'"),
+                                          ("(=8", "bad regular expression")])
+def test_bad_weight_rules_rejected(rule, message):
+  with pytest.raises(ValueError, match=message):
+    quant.parse_weight_rules([rule])

@@ -11,13 +11,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import fashion_mnist
 from qreg import train
-from tests.fakes import write_idx_dir
+from tests.fakes import BATCH, BIT_SETTINGS, NUM_TEST, NUM_TRAIN, tiny_config, write_idx_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_TRAIN, NUM_TEST, BATCH = 64, 20, 8
-BIT_SETTINGS = [(None, None), (4, 4), (3, None)]
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +22,6 @@ def idx_dir(tmp_path_factory):
   directory = tmp_path_factory.mktemp("idx")
   write_idx_dir(directory, NUM_TRAIN, NUM_TEST)
   return str(directory)
-
-
-def tiny_config(idx_dir):
-  config = fashion_mnist.get_config()
-  config.data.data_dir = idx_dir
-  config.data.batch_size = BATCH
-  config.eval.batch_size = BATCH
-  config.train.num_epochs = 2
-  config.train.log_every_steps = 4
-  config.reg.start_epoch = 1
-  config.quant.bit_settings = BIT_SETTINGS
-  config.quant.num_calibration_batches = 2
-  return config
 
 
 def latest_state(workdir):

@@ -8,9 +8,9 @@ Two things make a model usable by qreg:
 - every activation that is quantized at evaluation passes through
   `QuantizedActivation`, which (1) adds a zero `perturbations` variable whose
   gradient is the activation gradient penalized during training, (2) records
-  min/max into `activation_stats` when that collection is mutable
-  (calibration), (3) fake-quantizes with the ranges in `activation_ranges`
-  when `bits` is set.
+  samples of the activation into `activation_stats` when that collection is
+  mutable (calibration), (3) fake-quantizes with the ranges in `activation_ranges`
+  when `bits` is set (asymmetric by default; symmetric for signed activations).
 """
 from typing import Any
 
@@ -59,19 +59,25 @@ class DenseBN(nn.Module):
 class QuantizedActivation(nn.Module):
   """A point where an activation is perturbed (training) and quantized (evaluation)."""
   bits: int | None = None
+  scheme: str = "asymmetric"
+  # Calibration keeps this many evenly strided values of each batch's activation.
+  num_samples: int = 4096
 
   @nn.compact
   def __call__(self, x):
     x = self.perturb("activation", x)
     if self.is_mutable_collection("activation_stats"):
-      self.sow("activation_stats", "min", jnp.min(x))
-      self.sow("activation_stats", "max", jnp.max(x))
+      flat = x.reshape(-1)
+      stride = max(1, flat.size // self.num_samples)
+      # The exact extremes join the samples, so min-max calibration is exact.
+      self.sow("activation_stats", "samples",
+               jnp.concatenate([flat[::stride][:self.num_samples], jnp.stack([flat.min(), flat.max()])]))
     if self.bits is None:
       return x
     if not self.has_variable("activation_ranges", "min"):
       raise ValueError(
           f"{self.path}: activation quantization to {self.bits} bits needs calibrated "
-          "ranges; pass an 'activation_ranges' collection (see qreg.evaluate.calibrate).")
+          "ranges; pass an 'activation_ranges' collection (see qreg.evaluate).")
     low = self.get_variable("activation_ranges", "min")
     high = self.get_variable("activation_ranges", "max")
-    return quant.quantize_asymmetric(x, low, high, self.bits)
+    return quant.quantize_activation(x, low, high, self.bits, self.scheme)

@@ -1,0 +1,155 @@
+"""Sweep results as files: results.json, a markdown table and a PNG plot; and comparisons of workdirs.
+
+    python -m qreg.report --workdirs=<dir1>,<dir2> --labels=no-reg,l1 --out=<dir>
+
+writes comparison.md and comparison.png: one column / one colour per workdir.
+"""
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+Results = dict[str, Any]
+
+
+def setting_name(bits: int | None) -> str:
+  return "float" if bits is None else str(bits)
+
+
+def _float_accuracy(rows) -> float | None:
+  return next((r["accuracy"] for r in rows if r["weight_bits"] is None and r["act_bits"] is None),
+              None)
+
+
+def results_table(results: Results) -> str:
+  """Markdown table of one sweep, with each setting's drop from float accuracy."""
+  rows = results["rows"]
+  float_acc = _float_accuracy(rows)
+  lines = ["| weight bits | activation bits | accuracy (%) | drop vs float (points) |",
+           "|---|---|---|---|"]
+  for r in rows:
+    drop = "" if float_acc is None else f"{100 * (float_acc - r['accuracy']):.2f}"
+    lines.append(f"| {setting_name(r['weight_bits'])} | {setting_name(r['act_bits'])} | "
+                 f"{100 * r['accuracy']:.2f} | {drop} |")
+  table = "\n".join(lines) + "\n"
+  if "sensitivity" in results:
+    table += "\nPer-layer sensitivity (one layer's weights quantized, everything else float):\n\n"
+    table += "| layer | weight bits | accuracy (%) |\n|---|---|---|\n"
+    table += "".join(f"| {r['layer']} | {r['weight_bits']} | {100 * r['accuracy']:.2f} |\n"
+                     for r in results["sensitivity"])
+  return table
+
+
+def comparison_table(all_results: Sequence[Results], labels: Sequence[str]) -> str:
+  """One row per (weight bits, activation bits), one accuracy column per run."""
+  settings = []
+  for results in all_results:
+    for r in results["rows"]:
+      if (r["weight_bits"], r["act_bits"]) not in settings:
+        settings.append((r["weight_bits"], r["act_bits"]))
+  lookup = [{(r["weight_bits"], r["act_bits"]): r["accuracy"] for r in results["rows"]}
+            for results in all_results]
+  lines = ["| weight bits | activation bits | " + " | ".join(f"{l} (%)" for l in labels) + " |",
+           "|---|---|" + "---|" * len(labels)]
+  for setting in settings:
+    cells = [f"{100 * acc[setting]:.2f}" if setting in acc else "" for acc in lookup]
+    lines.append(f"| {setting_name(setting[0])} | {setting_name(setting[1])} | " +
+                 " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+# The plot's lines: which rows each holds and its x coordinate (the varying bit-width).
+_LINES = (
+    ("W=A=b", lambda w, a: w is not None and w == a, lambda w, a: w),
+    ("W=b, A float", lambda w, a: w is not None and a is None, lambda w, a: w),
+    ("W float, A=b", lambda w, a: w is None and a is not None, lambda w, a: a),
+)
+
+
+def plot_accuracy(all_results: Sequence[Results], labels: Sequence[str], path: str,
+                  title: str = "Post-training quantization") -> None:
+  """Accuracy against bit-width b: one line per activation setting, one colour per run."""
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  styles = ("-o", "--s", ":^")
+  for i, (results, label) in enumerate(zip(all_results, labels)):
+    color = colors[i % len(colors)]
+    for (name, selects, x_of), style in zip(_LINES, styles):
+      points = sorted((x_of(r["weight_bits"], r["act_bits"]), 100 * r["accuracy"])
+                      for r in results["rows"] if selects(r["weight_bits"], r["act_bits"]))
+      if points:
+        ax.plot(*zip(*points), style, color=color, label=f"{label}: {name}")
+    float_acc = _float_accuracy(results["rows"])
+    if float_acc is not None:
+      ax.axhline(100 * float_acc, color=color, alpha=0.4, lw=1, label=f"{label}: float")
+  ax.set_xlabel("bits (b)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_results(results: Results, workdir: str) -> None:
+  """Prints the table; process 0 writes results.json, results.md and results.png to workdir."""
+  table = results_table(results)
+  print(table, flush=True)
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(f"Quantization: {results.get('quantization', '')}\n\n{table}")
+  plot_accuracy([results], [os.path.basename(os.path.normpath(workdir))],
+                os.path.join(workdir, "results.png"))
+
+
+def load_results(workdir: str) -> Results:
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: run qreg.main or qreg.evaluate on {workdir} first.")
+  with open(path) as f:
+    return json.load(f)
+
+
+def compare(workdirs: Sequence[str], labels: Sequence[str], out_dir: str) -> str:
+  """Writes out_dir/comparison.{md,png} for several workdirs; returns the table."""
+  if len(labels) != len(workdirs):
+    raise ValueError(f"{len(labels)} labels for {len(workdirs)} workdirs.")
+  all_results = [load_results(w) for w in workdirs]
+  os.makedirs(out_dir, exist_ok=True)
+  table = comparison_table(all_results, labels)
+  quantization = "\n".join(f"- {l}: {r.get('quantization', '')}" for l, r in zip(labels, all_results))
+  with open(os.path.join(out_dir, "comparison.md"), "w") as f:
+    f.write(f"{table}\n{quantization}\n")
+  plot_accuracy(all_results, labels, os.path.join(out_dir, "comparison.png"))
+  return table
+
+
+def _command_line() -> None:
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+  workdirs = flags.DEFINE_list("workdirs", None, "Workdirs holding results.json.")
+  labels = flags.DEFINE_list("labels", None, "One label per workdir (default: directory names).")
+  out = flags.DEFINE_string("out", None, "Directory for comparison.md and comparison.png.")
+  flags.mark_flags_as_required(["workdirs", "out"])
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    names = labels.value or [os.path.basename(os.path.normpath(w)) for w in workdirs.value]
+    print(compare(workdirs.value, names, out.value))
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _command_line()

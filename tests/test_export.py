@@ -1,0 +1,113 @@
+"""Integer export: bit packing, bit-identical round trips, file sizes, and evaluation from the file."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qreg import evaluate, export, quant, report, train
+from qreg.models import BN_EPSILON, SmallCNN
+from tests.fakes import tiny_config, write_idx_dir
+
+
+@pytest.mark.parametrize("bits", range(2, 17))
+def test_pack_unpack_round_trip(bits):
+  values = np.random.default_rng(bits).integers(0, 2**bits, size=1001)
+  packed = export.pack_bits(values, bits)
+  assert packed.dtype == np.uint8 and packed.size == -(-values.size * bits // 8)
+  np.testing.assert_array_equal(export.unpack_bits(packed, bits, values.size), values)
+
+
+def test_four_bit_packing_is_two_values_per_byte_low_nibble_first():
+  values = np.array([1, 2, 15, 0, 7])
+  expected = [1 | 2 << 4, 15 | 0 << 4, 7]
+  np.testing.assert_array_equal(export.pack_bits(values, 4), expected)
+
+
+def test_pack_rejects_values_that_do_not_fit():
+  with pytest.raises(ValueError, match="does not fit in 3 bits"):
+    export.pack_bits(np.array([8]), 3)
+
+
+def _folded_params():
+  model = SmallCNN(widths=(8, 16, 16), hidden=32)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  stats = jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])
+  return quant.fold_batch_norm(variables["params"], stats, BN_EPSILON)
+
+
+@pytest.mark.parametrize("setup", [
+    evaluate.QuantSetup(),
+    evaluate.QuantSetup(per_channel=True),
+    evaluate.QuantSetup(weight_scheme="asymmetric", per_channel=True),
+    evaluate.QuantSetup(weight_rules=quant.parse_weight_rules(["^conv1/=8", "^head/=float"])),
+])
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+def test_export_round_trip_is_bit_identical_to_fake_quantization(tmp_path, setup, bits):
+  folded = _folded_params()
+  path = str(tmp_path / "model.npz")
+  export.save(path, export.export_arrays(folded, bits, setup))
+  loaded, header = export.load(path)
+  assert header["weight_bits"] == bits
+  expected = setup.quantize_weights(folded, bits)
+  assert jax.tree.structure(loaded) == jax.tree.structure(expected)
+  for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_export_size_is_close_to_bits_over_32(tmp_path, bits):
+  folded = _folded_params()
+  path = str(tmp_path / "model.npz")
+  export.save(path, export.export_arrays(folded, bits, evaluate.QuantSetup()))
+  float_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(folded))
+  kernel_bytes = sum(np.asarray(leaf).nbytes for path_, leaf in jax.tree_util.tree_leaves_with_path(folded)
+                     if quant.is_kernel(quant.path_names(path_), leaf))
+  # Packed kernels are bits/32 of their float size; biases stay float; the container adds headers.
+  ideal = kernel_bytes * bits / 32 + (float_bytes - kernel_bytes)
+  assert ideal <= os.path.getsize(path) <= ideal + 8192
+
+
+def test_load_rejects_a_file_that_is_not_an_export(tmp_path):
+  path = tmp_path / "junk.npz"
+  path.write_bytes(b"not a zip file")
+  with pytest.raises(ValueError, match="not a readable qreg export"):
+    export.load(str(path))
+
+
+def test_evaluating_the_file_gives_the_sweeps_accuracy(tmp_path):
+  idx_dir = tmp_path / "idx"
+  idx_dir.mkdir()
+  write_idx_dir(idx_dir, 64, 20)
+  config = tiny_config(str(idx_dir))
+  config.train.num_epochs = 1
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir)
+  path = str(tmp_path / "w4.npz")
+  sizes = export.export_checkpoint(workdir, 4, path)
+  assert sizes["export_bytes"] < sizes["float_params_bytes"] * (4 / 32 + 0.03)
+  from_file = export.evaluate_export(config, workdir, path)
+  sweep = {(r["weight_bits"], r["act_bits"]): r["accuracy"] for r in results["rows"]}
+  assert [(r["weight_bits"], r["act_bits"]) for r in from_file["rows"]] == [(4, 4)]
+  assert from_file["rows"][0]["accuracy"] == sweep[(4, 4)]
+  with open(os.path.join(workdir, "export_w4_results.json")) as f:
+    assert json.load(f)["rows"] == from_file["rows"]
+
+
+def test_compare_writes_a_table_and_a_plot(tmp_path):
+  for name, accuracies in [("a", [0.9, 0.8, 0.5]), ("b", [0.88, 0.86, 0.7])]:
+    rows = [{"weight_bits": w, "act_bits": a, "accuracy": acc}
+            for (w, a), acc in zip([(None, None), (4, 4), (3, None)], accuracies)]
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / "results.json", "w") as f:
+      json.dump({"rows": rows}, f)
+  table = report.compare([str(tmp_path / "a"), str(tmp_path / "b")], ["no-reg", "l1"],
+                         str(tmp_path / "out"))
+  assert "| 4 | 4 | 80.00 | 86.00 |" in table
+  assert "| 3 | float | 50.00 | 70.00 |" in table
+  with open(tmp_path / "out" / "comparison.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(FileNotFoundError, match="results.json"):
+    report.compare([str(tmp_path / "missing")], ["x"], str(tmp_path / "out"))
