@@ -106,11 +106,26 @@ def load(path: str) -> tuple[PyTree, dict[str, Any]]:
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (its config.json), on top of configs/base.py's
+  defaults so that workdirs written before a field existed still load."""
+  from configs import base  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} a qreg workdir?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    stored = json.load(f)
+
+  def merge(config, values):
+    for key, value in values.items():
+      if isinstance(value, dict) and key in config and isinstance(config[key], ml_collections.ConfigDict):
+        merge(config[key], value)
+      else:
+        config[key] = value
+
+  config = base.get_base_config()
+  with config.unlocked():
+    merge(config, stored)
+  return config
 
 
 def export_checkpoint(workdir: str, weight_bits: int, out: str) -> dict[str, int]:
