@@ -33,10 +33,13 @@ $PY -m qreg.report --workdirs="$ROOT/no_reg,$ROOT/l1,$ROOT/no_reg_per_channel,$R
   echo "| file | bytes | ratio to float32 folded params |"
   echo "|---|---|---|"
   for bits in 8 6 4; do
-    $PY -m qreg.export --workdir="$ROOT/l1" --weight_bits=$bits --out="$ROOT/l1_w$bits.npz" \
-      | sed -n 's/^Wrote \([^:]*\): \([0-9,]*\) bytes; float32 folded params \([0-9,]*\) bytes (ratio \([0-9.]*\).*/| w'$bits' export | \2 | \4 |/p'
+    # "Wrote F: N bytes; float32 folded params M bytes (ratio R, b/32 = ...)."
+    line=$($PY -m qreg.export --workdir="$ROOT/l1" --weight_bits=$bits --out="$ROOT/l1_w$bits.npz" | grep '^Wrote')
+    read -r export_bytes float_bytes ratio < <(echo "$line" | sed 's/.*: \([0-9,]*\) bytes; float32 folded params \([0-9,]*\) bytes (ratio \([0-9.]*\),.*/\1 \2 \3/')
+    echo "| $bits-bit export (.npz) | $export_bytes | $ratio (ideal $bits/32 = $($PY -c "print(f'{$bits / 32:.3f}')")) |"
     $PY -m qreg.evaluate --config=$CONFIG --workdir="$ROOT/l1" --export="$ROOT/l1_w$bits.npz" > /dev/null
   done
+  echo "| float32 folded params | $float_bytes | 1 |"
   echo "| orbax checkpoint directory (params, BN stats, optimizer state) | $(du -sb "$ROOT/l1/checkpoints/$(ls "$ROOT/l1/checkpoints" | sort -n | tail -1)" | cut -f1) | |"
 } > "$OUT/export_sizes.md"
 cp "$ROOT"/l1/export_w*_results.md "$OUT/"
