@@ -1,0 +1,22 @@
+"""The paper's table for configs/cifar10_vgg.py: no-reg / l2 / l1 / STE-QAT@4 / KURE, 3 seeds.
+
+Needs the TFDS data of that config (see README, "CIFAR-10 and ImageNet"); add
+--only=no-reg/seed0,l1/seed0 (run names) to run a subset.
+
+    python -m experiments.run_sweep --config=configs/tables/cifar10_vgg.py --workdir=$WORKDIR
+    python -m experiments.make_tables --workdir=$WORKDIR
+"""
+from configs import cifar10_vgg
+from configs.tables import methods
+
+
+def get_config():
+  config = cifar10_vgg.get_config()
+  config.quant.bit_settings = methods.TABLE_BIT_SETTINGS
+  return config
+
+
+def sweep():
+  config = get_config()
+  return methods.table_sweep(methods.methods(config.reg.lambda_w, config.reg.lambda_a,
+                                             l2_scale=methods.DEFAULT_L2_SCALE))

@@ -1,0 +1,119 @@
+"""Tables (mean ± std over seeds) and plots from a sweep's workdir.
+
+    python -m experiments.make_tables --workdir=<dir> [--out=<dir>]
+
+Reads every <dir>/**/run.json (written by experiments.run_sweep) with the
+results.json beside it, groups runs by labels["method"] over labels["seed"],
+and writes table.md, table.json and accuracy.png (accuracy against bit-width,
+one line per method, error bars = std over seeds).
+"""
+import collections
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+from qreg import report  # pylint: disable=g-import-not-at-top
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Root directory of a sweep.")
+_OUT = flags.DEFINE_string("out", None, "Where to write the tables and plots (default: workdir).")
+
+
+def collect(root: str) -> dict[str, list[dict]]:
+  """method -> [{"seed", "rows"}], in the order methods first appear."""
+  by_method = collections.OrderedDict()
+  for dirpath, _, files in sorted(os.walk(root)):
+    if "run.json" not in files or "results.json" not in files:
+      continue
+    with open(os.path.join(dirpath, "run.json")) as f:
+      run = json.load(f)
+    with open(os.path.join(dirpath, "results.json")) as f:
+      results = json.load(f)
+    labels = run.get("labels", {})
+    method = labels.get("method", run["name"])
+    by_method.setdefault(method, []).append({"seed": labels.get("seed"), "rows": results["rows"]})
+  if not by_method:
+    raise FileNotFoundError(f"No finished runs (run.json + results.json) under {root}.")
+  return by_method
+
+
+def summarize(by_method: dict[str, list[dict]]):
+  """{method: {(w, a): (mean, std, n)}} and the settings in table order."""
+  settings = []
+  summary = {}
+  for method, runs in by_method.items():
+    accuracies = collections.defaultdict(list)
+    for run in runs:
+      for r in run["rows"]:
+        key = (r["weight_bits"], r["act_bits"])
+        if key not in settings:
+          settings.append(key)
+        accuracies[key].append(100 * r["accuracy"])
+    summary[method] = {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
+                       for k, v in accuracies.items()}
+  return summary, settings
+
+
+def markdown(summary, settings) -> str:
+  header = "| method | " + " | ".join(
+      "float" if w is None and a is None else f"({report.setting_name(w)},{report.setting_name(a)})"
+      for w, a in settings) + " | seeds |"
+  lines = [header, "|---|" + "---|" * (len(settings) + 1)]
+  for method, cells in summary.items():
+    seeds = max(n for _, _, n in cells.values())
+    lines.append(f"| {method} | " + " | ".join(
+        f"{cells[s][0]:.2f} ± {cells[s][1]:.2f}" if s in cells else "" for s in settings) +
+        f" | {seeds} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(summary, settings, path: str) -> None:
+  """Accuracy at W=A=b against b, one line per method; the float accuracy at the right."""
+  quantized = sorted({w for w, a in settings if w is not None and w == a})
+  x_float = (max(quantized) + 2) if quantized else 0
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for i, (method, cells) in enumerate(summary.items()):
+    points = [(b, cells[(b, b)]) for b in quantized if (b, b) in cells]
+    if (None, None) in cells:
+      points.append((x_float, cells[(None, None)]))
+    xs = [x for x, _ in points]
+    ax.errorbar(xs, [c[0] for _, c in points], yerr=[c[1] for _, c in points], fmt="-o",
+                capsize=3, color=f"C{i}", label=method)
+  ax.set_xticks(quantized + [x_float], [str(b) for b in quantized] + ["float"])
+  ax.set_xlabel("bits (weights = activations)")
+  ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def make_tables(root: str, out: str) -> str:
+  summary, settings = summarize(collect(root))
+  os.makedirs(out, exist_ok=True)
+  table = markdown(summary, settings)
+  with open(os.path.join(out, "table.md"), "w") as f:
+    f.write(table)
+  with open(os.path.join(out, "table.json"), "w") as f:
+    json.dump({method: [{"weight_bits": w, "act_bits": a, "mean": m, "std": s, "seeds": n}
+                        for (w, a), (m, s, n) in cells.items()]
+               for method, cells in summary.items()}, f, indent=2)
+  plot(summary, settings, os.path.join(out, "accuracy.png"))
+  return table
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  print(make_tables(_WORKDIR.value, _OUT.value or _WORKDIR.value))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
