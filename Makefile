@@ -7,7 +7,7 @@ CONFIG ?= configs/fashion_mnist.py
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data train evaluate test clean
+.PHONY: setup data train evaluate test benchmark clean
 
 $(PY): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ evaluate: setup data
 test: setup
 	-@$(MAKE) --no-print-directory data
 	$(PY) -m pytest -q tests
+
+# Step cost of each reg.impl relative to a plain step (README "Cost of the regularizer");
+# e.g. make benchmark BENCHMARK_FLAGS="--models=vgg_like,resnet18 --batch_size=32 --steps=10".
+BENCHMARK_FLAGS ?=
+benchmark: setup
+	$(PY) -m benchmarks.step_cost $(BENCHMARK_FLAGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -36,6 +36,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.reg.lambda_w = 0.0
   config.reg.lambda_a = 0.0
   config.reg.start_epoch = 0
+  # How the penalty's gradient is computed: 'hvp' (exact, forward-over-reverse),
+  # 'nested' (exact, double backprop, the slow reference) or 'finite_difference'
+  # (two gradient evaluations; fd_step = largest displacement of a weight or
+  # activation, see qreg.objectives.FD_STEP). README "Cost of the regularizer".
+  config.reg.impl = "hvp"
+  config.reg.fd_step = 1e-3
 
   config.train = ml_collections.ConfigDict()
   config.train.num_epochs = 10

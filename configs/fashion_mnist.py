@@ -1,7 +1,7 @@
 """The offline default: small BatchNorm CNN on Fashion-MNIST from the original IDX files.
 
 Sized for 2 CPU cores: plain epochs first, then the regularized last epoch(s)
-(a regularized step costs several plain steps).
+(a regularized step costs about two plain steps).
 
     python -m qreg.main --config=configs/fashion_mnist.py --workdir=workdirs/fmnist
     python -m qreg.main --config=configs/fashion_mnist.py --config.reg.lambda_w=0 \

@@ -1,4 +1,4 @@
-"""The training objective: task loss plus the gradient-l1 penalty.
+"""The training objective: task loss plus the gradient-l1 penalty, and its gradient.
 
     L_task + lambda_w * sum_l ||dL/dW_l||_1 + lambda_a * sum_l ||dL/da_l||_1
 
@@ -7,11 +7,23 @@ value by at most delta/2, so to first order it changes the loss by at most
 (delta/2) * ||grad||_1; penalizing that norm makes the float weights robust to
 quantization at any bit-width. W_l are the conv/dense kernels, a_l the
 activations tapped by `QuantizedActivation` (their gradient is the gradient
-w.r.t. the zero `perturbations` collection). The penalty's own gradient needs
-the derivative of a gradient: here by nested reverse-mode (double backprop).
+w.r.t. the zero `perturbations` collection p).
+
+The penalty's gradient w.r.t. the params theta is a Hessian-vector product:
+with s_w = sign(dL/dW) on the kernels (0 elsewhere) and s_a = sign(dL/da),
+
+    d/dtheta penalty = lambda_w * H_{theta,theta} s_w + lambda_a * H_{theta,p} s_a,
+
+the theta-component of the Hessian of L(theta, p) applied to the direction
+(lambda_w s_w, lambda_a s_a). Three ways to compute it (`Penalty.impl`):
+- `nested`: reverse-over-reverse (double backprop of `penalized_loss`), the reference;
+- `hvp`: forward-over-reverse, the same value at a fraction of the cost;
+- `finite_difference`: a difference of two gradients along the direction,
+  an approximation that costs exactly two gradient evaluations.
 
 Everything here takes an `apply_fn` and pytrees, never a config.
 """
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,11 +36,30 @@ from qreg import quant
 PyTree = Any
 ApplyFn = Callable[..., Any]
 
+# The finite-difference step: the largest displacement of any weight or
+# activation (each term moves by fd_step * lambda / max(lambda_w, lambda_a)).
+# Its error against the exact gradient grows with the step through truncation
+# (a sign vector moves every weight at once), and as the step shrinks through
+# float32 rounding of the two gradients (~eps |g| / step) and, in ReLU nets,
+# the gradient jumps of the few units whose pre-activation crosses zero within
+# the step (noise ~ 1 / sqrt(step)). experiments/fd_step_error.py measures it:
+# on SmallCNN after 60 steps on Fashion-MNIST (float32) it is smallest near
+# 1e-3 for the weight term and for both terms together (3e-3..1e-2 for the
+# activation term alone), and even there it is 60-70% of the penalty's
+# gradient (cosine 0.7-0.8): README, "Cost of the regularizer".
+FD_STEP = 1e-3
+
 
 class Penalty(NamedTuple):
-  """Weights of the two gradient-l1 terms; zero switches a term off."""
+  """The gradient-l1 penalty: term weights (zero switches a term off) and how to differentiate it.
+
+  impl is one of IMPLS; fd_step is the finite-difference step (see FD_STEP),
+  used only by impl='finite_difference'.
+  """
   lambda_w: float = 0.0
   lambda_a: float = 0.0
+  impl: str = "hvp"
+  fd_step: float = FD_STEP
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -39,10 +70,16 @@ def l1_norm(tree: PyTree) -> jax.Array:
   return sum((jnp.sum(jnp.abs(leaf)) for leaf in jax.tree.leaves(tree)), jnp.zeros(()))
 
 
+def kernel_mask(params: PyTree) -> PyTree:
+  """True at the conv/dense kernels (the W_l the weight penalty sums over), False elsewhere."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: quant.is_kernel(quant.path_names(path), leaf), params)
+
+
 def kernels(params: PyTree) -> list[jax.Array]:
-  """The conv/dense kernels of a params tree: the W_l the weight penalty sums over."""
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  return [leaf for path, leaf in leaves if quant.is_kernel(quant.path_names(path), leaf)]
+  """The conv/dense kernels of a params tree."""
+  return [leaf for leaf, is_kernel in zip(jax.tree.leaves(params),
+                                          jax.tree.leaves(kernel_mask(params))) if is_kernel]
 
 
 def zero_perturbations(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree,
@@ -64,22 +101,119 @@ def task_loss(params: PyTree, perturbations: PyTree, batch_stats: PyTree,
   return cross_entropy(logits, batch["label"]), (updates["batch_stats"], logits)
 
 
+def task_gradients(params: PyTree, perturbations: PyTree, batch_stats: PyTree,
+                   batch: dict[str, jax.Array], apply_fn: ApplyFn):
+  """(dL/dtheta, dL/dp), (loss, (new_batch_stats, logits)): one forward and one backward pass."""
+  (loss, aux), grads = jax.value_and_grad(task_loss, argnums=(0, 1), has_aux=True)(
+      params, perturbations, batch_stats, batch, apply_fn)
+  return grads, (loss, aux)
+
+
+def objective_and_terms(loss: jax.Array, grad_w: PyTree, grad_a: PyTree, penalty: Penalty):
+  """The objective's value and its logged terms, from the task gradients."""
+  penalty_w = l1_norm(kernels(grad_w))
+  penalty_a = l1_norm(grad_a)
+  total = loss + penalty.lambda_w * penalty_w + penalty.lambda_a * penalty_a
+  return total, {"task_loss": loss, "grad_l1_weights": penalty_w, "grad_l1_activations": penalty_a}
+
+
+def penalty_direction(grad_w: PyTree, grad_a: PyTree, penalty: Penalty):
+  """(lambda_w sign(dL/dW) on kernels and 0 elsewhere, lambda_a sign(dL/da)).
+
+  The gradient of the penalty is the Hessian applied to this direction; it is
+  a constant of the outer derivative (d|x|/dx = sign(x) is piecewise constant).
+  """
+  direction_w = jax.tree.map(
+      lambda g, is_kernel: penalty.lambda_w * jnp.sign(g) if is_kernel else jnp.zeros_like(g),
+      grad_w, kernel_mask(grad_w))
+  direction_a = jax.tree.map(lambda g: penalty.lambda_a * jnp.sign(g), grad_a)
+  return jax.lax.stop_gradient((direction_w, direction_a))
+
+
 def penalized_loss(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
                    apply_fn: ApplyFn, penalty: Penalty):
   """Task loss plus the gradient-l1 penalty; returns total, (new_batch_stats, logits, terms).
 
-  The inner value_and_grad gives dL/dW and dL/da in one backward pass; the
-  caller differentiates this function again (double backprop). BatchNorm
-  statistics come out of the single forward pass, so they update once a step.
+  Differentiable twice: its jax.grad is the `nested` (double backprop)
+  gradient. BatchNorm statistics come out of the single forward pass, so they
+  update once a step.
   """
   perturbations = zero_perturbations(apply_fn, params, batch_stats, batch["image"])
-  (loss, (new_batch_stats, logits)), (grad_w, grad_a) = jax.value_and_grad(
-      task_loss, argnums=(0, 1), has_aux=True)(params, perturbations, batch_stats, batch, apply_fn)
-  penalty_w = l1_norm(kernels(grad_w))
-  penalty_a = l1_norm(grad_a)
-  total = loss + penalty.lambda_w * penalty_w + penalty.lambda_a * penalty_a
-  terms = {"task_loss": loss, "grad_l1_weights": penalty_w, "grad_l1_activations": penalty_a}
+  (grad_w, grad_a), (loss, (new_batch_stats, logits)) = task_gradients(
+      params, perturbations, batch_stats, batch, apply_fn)
+  total, terms = objective_and_terms(loss, grad_w, grad_a, penalty)
   return total, (new_batch_stats, logits, terms)
+
+
+def nested_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
+                          apply_fn: ApplyFn, penalty: Penalty):
+  """Reverse-over-reverse: jax.value_and_grad of penalized_loss."""
+  return jax.value_and_grad(penalized_loss, has_aux=True)(params, batch_stats, batch, apply_fn,
+                                                          penalty)
+
+
+def hvp_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
+                       apply_fn: ApplyFn, penalty: Penalty):
+  """Forward-over-reverse: dL/dtheta plus the Hessian-vector product by jax.linearize.
+
+  Linearizing the task gradients at (theta, p=0) runs their forward and
+  backward pass once; the signs come from that pass, then the linearized
+  function is applied to the penalty direction (the tangent pass), so no
+  gradient is computed twice.
+  """
+  perturbations = zero_perturbations(apply_fn, params, batch_stats, batch["image"])
+  gradients = functools.partial(task_gradients, batch_stats=batch_stats, batch=batch,
+                                apply_fn=apply_fn)
+  (grad_w, grad_a), hessian_times, (loss, (new_batch_stats, logits)) = jax.linearize(
+      gradients, params, perturbations, has_aux=True)
+  total, terms = objective_and_terms(loss, grad_w, grad_a, penalty)
+  penalty_grad, _ = hessian_times(*penalty_direction(grad_w, grad_a, penalty))
+  grads = jax.tree.map(jnp.add, grad_w, penalty_grad)
+  return (total, (new_batch_stats, logits, terms)), grads
+
+
+def finite_difference_value_and_grad(params: PyTree, batch_stats: PyTree,
+                                     batch: dict[str, jax.Array], apply_fn: ApplyFn,
+                                     penalty: Penalty):
+  """dL/dtheta plus [dL/dtheta(theta + h d_w, p = h d_a) - dL/dtheta(theta, 0)] / h.
+
+  (d_w, d_a) is the penalty direction, h = fd_step / max(lambda_w, lambda_a)
+  so that no weight or activation moves by more than fd_step. Two gradient
+  evaluations; like sharpness-aware minimization with an l_inf ball, but the
+  difference is divided by h, so for a smooth loss it tends to the exact
+  gradient as h -> 0 (for ReLU nets see FD_STEP). BatchNorm statistics of the
+  displaced pass are discarded.
+  """
+  perturbations = zero_perturbations(apply_fn, params, batch_stats, batch["image"])
+  (grad_w, grad_a), (loss, (new_batch_stats, logits)) = task_gradients(
+      params, perturbations, batch_stats, batch, apply_fn)
+  total, terms = objective_and_terms(loss, grad_w, grad_a, penalty)
+  largest_lambda = max(penalty.lambda_w, penalty.lambda_a)
+  if largest_lambda == 0:  # no penalty gradient, and no direction to step along
+    return (total, (new_batch_stats, logits, terms)), grad_w
+  h = penalty.fd_step / largest_lambda
+  direction_w, direction_a = penalty_direction(grad_w, grad_a, penalty)
+  displaced_params = jax.tree.map(lambda w, d: w + h * d, params, direction_w)
+  displaced_activations = jax.tree.map(lambda d: h * d, direction_a)
+  displaced_grad_w, _ = jax.grad(task_loss, has_aux=True)(
+      displaced_params, displaced_activations, batch_stats, batch, apply_fn)
+  grads = jax.tree.map(lambda g, g_displaced: g + (g_displaced - g) / h, grad_w, displaced_grad_w)
+  return (total, (new_batch_stats, logits, terms)), grads
+
+
+# Each returns (total, (new_batch_stats, logits, terms)), dtotal/dparams.
+PENALIZED_VALUE_AND_GRAD = {
+    "nested": nested_value_and_grad,
+    "hvp": hvp_value_and_grad,
+    "finite_difference": finite_difference_value_and_grad,
+}
+IMPLS = tuple(PENALIZED_VALUE_AND_GRAD)
+
+
+def penalized_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
+                             apply_fn: ApplyFn, penalty: Penalty):
+  """penalized_loss's value, aux and gradient w.r.t. params, computed by penalty.impl."""
+  return PENALIZED_VALUE_AND_GRAD[penalty.impl](params, batch_stats, batch, apply_fn, penalty)
 
 
 def plain_loss(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from qreg import data, evaluate, models, objectives, parallel, quant, report
+from qreg import data, evaluate, models, objectives, parallel, report
 
 PyTree = Any
 
@@ -47,18 +47,15 @@ def build_optimizer(optim_config: ml_collections.ConfigDict, total_steps: int,
   schedule = decay if warmup_steps == 0 else optax.join_schedules(
       [optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps])
 
-  def kernel_mask(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: quant.is_kernel(quant.path_names(path), leaf), params)
-
   decay = optim_config.get("weight_decay", 0.0)
   if optim_config.name == "sgd":
-    return optax.chain(optax.add_decayed_weights(decay, kernel_mask),
+    return optax.chain(optax.add_decayed_weights(decay, objectives.kernel_mask),
                        optax.sgd(schedule, momentum=optim_config.momentum, nesterov=True))
   if optim_config.name == "adam":
-    return optax.chain(optax.add_decayed_weights(decay, kernel_mask), optax.adam(schedule))
+    return optax.chain(optax.add_decayed_weights(decay, objectives.kernel_mask),
+                       optax.adam(schedule))
   if optim_config.name == "adamw":
-    return optax.adamw(schedule, weight_decay=decay, mask=kernel_mask)
+    return optax.adamw(schedule, weight_decay=decay, mask=objectives.kernel_mask)
   raise ValueError(f"Unknown optim.name {optim_config.name!r}; expected one of {OPTIMIZERS}.")
 
 
@@ -74,12 +71,14 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
                     penalty: objectives.Penalty | None):
   """One optimizer step on a global batch; penalty=None is the plain (unregularized) step."""
   if penalty is None:
-    loss_fn = functools.partial(objectives.plain_loss, apply_fn=apply_fn)
+    value_and_grad = jax.value_and_grad(
+        functools.partial(objectives.plain_loss, apply_fn=apply_fn), has_aux=True)
   else:
-    loss_fn = functools.partial(objectives.penalized_loss, apply_fn=apply_fn, penalty=penalty)
+    value_and_grad = functools.partial(objectives.penalized_value_and_grad, apply_fn=apply_fn,
+                                       penalty=penalty)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    (loss, (batch_stats, logits, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (batch_stats, logits, terms)), grads = value_and_grad(
         state.params, state.batch_stats, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -106,9 +105,15 @@ def build_penalty(reg_config: ml_collections.ConfigDict) -> objectives.Penalty |
     value = reg_config[name]
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
       raise ValueError(f"reg.{name}={value!r} must be a finite number >= 0.")
+  if reg_config.impl not in objectives.IMPLS:
+    raise ValueError(f"Unknown reg.impl {reg_config.impl!r}; expected one of {objectives.IMPLS}.")
+  fd_step = reg_config.fd_step
+  if not isinstance(fd_step, (int, float)) or not math.isfinite(fd_step) or fd_step <= 0:
+    raise ValueError(f"reg.fd_step={fd_step!r} must be a finite number > 0.")
   if reg_config.lambda_w == 0 and reg_config.lambda_a == 0:
     return None
-  return objectives.Penalty(float(reg_config.lambda_w), float(reg_config.lambda_a))
+  return objectives.Penalty(float(reg_config.lambda_w), float(reg_config.lambda_a),
+                            reg_config.impl, float(fd_step))
 
 
 def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:

@@ -2,6 +2,7 @@
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,14 +11,26 @@ import pytest
 
 from qreg import objectives, parallel, train
 from qreg.models import SmallCNN
+from qreg.models.layers import DenseBN, QuantizedActivation
 
 MODEL = SmallCNN(num_classes=3, widths=(3, 4), pool_after=(True, False), hidden=5)
 SHAPE = (6, 8, 8, 1)
 
 
-def _problem(dtype=jnp.float32, seed=0):
+class SmoothMLP(nn.Module):
+  """Tanh and no max-pool: a loss smooth in params and activations, unlike SmallCNN's."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape((x.shape[0], -1))
+    x = QuantizedActivation(name="act1")(jnp.tanh(DenseBN(7, name="fc1")(x, train)))
+    x = QuantizedActivation(name="act2")(jnp.tanh(nn.Dense(5, name="fc2")(x)))
+    return nn.Dense(3, name="head")(x)
+
+
+def _problem(dtype=jnp.float32, seed=0, model=MODEL):
   keys = jax.random.split(jax.random.key(seed), 3)
-  variables = MODEL.init(keys[0], jnp.zeros(SHAPE, dtype), train=False)
+  variables = model.init(keys[0], jnp.zeros(SHAPE, dtype), train=False)
   params = jax.tree.map(lambda v: v.astype(dtype), variables["params"])
   stats = jax.tree.map(lambda v: v.astype(dtype), variables["batch_stats"])
   batch = {"image": jax.random.normal(keys[1], SHAPE, dtype),
@@ -93,6 +106,46 @@ def test_penalty_terms_are_the_l1_norms_of_the_gradients():
   np.testing.assert_allclose(terms["grad_l1_weights"], expected, rtol=1e-5)
 
 
+def _flat(tree):
+  return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("penalty", [objectives.Penalty(0.3, 0.0), objectives.Penalty(0.0, 0.3),
+                                     objectives.Penalty(0.2, 0.5)])
+def test_hvp_equals_nested(penalty):
+  with jax.enable_x64(True):
+    params, stats, batch = _problem(jnp.float64)
+    (total, aux), grads = objectives.penalized_value_and_grad(
+        params, stats, batch, MODEL.apply, penalty._replace(impl="hvp"))
+    (ref_total, ref_aux), ref_grads = objectives.penalized_value_and_grad(
+        params, stats, batch, MODEL.apply, penalty._replace(impl="nested"))
+    np.testing.assert_allclose(total, ref_total, rtol=1e-12)
+    chex.assert_trees_all_close(aux, ref_aux, rtol=1e-12)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("lambda_w,lambda_a", [(0.3, 0.0), (0.0, 0.3), (0.2, 0.5)])
+def test_finite_difference_tends_to_nested_as_the_step_shrinks(lambda_w, lambda_a):
+  """First order in the step on a smooth model: each 10x smaller step, about 10x less error."""
+  with jax.enable_x64(True):
+    model = SmoothMLP()
+    params, stats, batch = _problem(jnp.float64, model=model)
+    penalty = objectives.Penalty(lambda_w, lambda_a)
+    value_and_grad = lambda penalty: objectives.penalized_value_and_grad(
+        params, stats, batch, model.apply, penalty)
+    (ref_total, ref_aux), ref_grads = value_and_grad(penalty._replace(impl="nested"))
+    ref_grads = _flat(ref_grads)
+    errors = []
+    for step in (1e-3, 1e-4, 1e-5):
+      (total, aux), grads = value_and_grad(penalty._replace(impl="finite_difference", fd_step=step))
+      np.testing.assert_allclose(total, ref_total, rtol=1e-12)
+      chex.assert_trees_all_close(aux, ref_aux, rtol=1e-12)
+      errors.append(float(jnp.linalg.norm(_flat(grads) - ref_grads) / jnp.linalg.norm(ref_grads)))
+    assert errors[-1] < 1e-3, errors
+    for coarse, fine in zip(errors, errors[1:]):
+      assert 0.05 < fine / coarse < 0.2, errors
+
+
 def _one_step(penalty, mesh, seed=0):
   params, stats, batch = _problem(seed=seed)
   optimizer = optax.sgd(0.1, momentum=0.9)
@@ -101,6 +154,23 @@ def _one_step(penalty, mesh, seed=0):
   step = train.jit_train_step(train.make_train_step(MODEL.apply, optimizer, penalty), mesh, state)
   batch = parallel.global_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
   return step(state, batch)
+
+
+@pytest.mark.parametrize("impl", objectives.IMPLS)
+def test_train_step_compiles_once_per_shape(impl):
+  chex.clear_trace_counter()  # chex counts by source location, shared by the parametrized cases
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  params, stats, batch = _problem()
+  optimizer = optax.sgd(0.1)
+  # Placed on the mesh like train_and_evaluate's state, so the first call has the steps' types.
+  state = jax.device_put(
+      train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                       opt_state=optimizer.init(params)), parallel.replicated(mesh))
+  train_step = train.make_train_step(MODEL.apply, optimizer, objectives.Penalty(0.1, 0.1, impl))
+  step = train.jit_train_step(chex.assert_max_traces(train_step, n=1), mesh, state)
+  batch = parallel.global_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
+  for _ in range(3):
+    state, _ = step(state, batch)
 
 
 def test_zero_lambda_equals_plain_step():
@@ -112,11 +182,15 @@ def test_zero_lambda_equals_plain_step():
   assert metrics["grad_l1_weights"] > 0  # the penalty was computed, only weighted by zero
 
 
-def test_batch_stats_update_once_per_regularized_step():
+@pytest.mark.parametrize("impl", objectives.IMPLS)
+def test_batch_stats_and_metrics_mean_the_same_for_every_impl(impl):
   mesh = parallel.make_mesh(jax.devices()[:1])
   plain, _ = _one_step(None, mesh)
-  regularized, _ = _one_step(objectives.Penalty(0.5, 0.5), mesh)
+  _, nested_metrics = _one_step(objectives.Penalty(0.5, 0.5, "nested"), mesh)
+  regularized, metrics = _one_step(objectives.Penalty(0.5, 0.5, impl), mesh)
   chex.assert_trees_all_close(regularized.batch_stats, plain.batch_stats, rtol=1e-6, atol=1e-7)
+  for name in ("loss", "task_loss", "grad_l1_weights", "grad_l1_activations", "accuracy"):
+    np.testing.assert_allclose(metrics[name], nested_metrics[name], rtol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("penalty", [None, objectives.Penalty(0.1, 0.1)])

@@ -107,6 +107,8 @@ def test_evaluate_without_checkpoint_says_so(idx_dir, tmp_path):
 @pytest.mark.parametrize("field,value,message", [
     ("reg.lambda_w", -0.1, "lambda_w"),
     ("reg.lambda_a", float("nan"), "lambda_a"),
+    ("reg.impl", "newton", "Unknown reg.impl 'newton'; expected one of .*'hvp'"),
+    ("reg.fd_step", 0.0, "reg.fd_step=0.0 must be"),
     ("data.batch_size", 6, "multiple of the number of devices"),
     ("model.name", "alexnet", "Unknown model"),
     ("optim.name", "lion", "Unknown optim.name"),

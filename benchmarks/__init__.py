@@ -1,0 +1,1 @@
+"""Benchmarks of qreg's training step (python -m benchmarks.<name>)."""
