@@ -40,8 +40,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   # 'nested' (exact, double backprop, the slow reference) or 'finite_difference'
   # (two gradient evaluations; fd_step = largest displacement of a weight or
   # activation, see qreg.objectives.FD_STEP). README "Cost of the regularizer".
+  config.reg.norm = "l1"  # 'l2': the paper's ablation, sum of per-layer l2 norms
+  # KURE (Shkolnik et al. 2020): lambda * mean_l (kurtosis(W_l) - 1.8)^2, from start_epoch on.
+  config.reg.lambda_kurtosis = 0.0
   config.reg.impl = "hvp"
   config.reg.fd_step = 1e-3
+
+  # Quantization-aware training with the straight-through estimator from reg.start_epoch
+  # on, at these bit-widths (None = float); the STE baseline.
+  config.qat = ml_collections.ConfigDict()
+  config.qat.weight_bits = ml_collections.FieldReference(None, field_type=int)
+  config.qat.act_bits = ml_collections.FieldReference(None, field_type=int)
 
   config.train = ml_collections.ConfigDict()
   config.train.num_epochs = 10

@@ -1,4 +1,4 @@
-"""The training objective: task loss plus the gradient-l1 penalty, and its gradient.
+"""The training objective: task loss plus the gradient-norm penalty, and its gradient.
 
     L_task + lambda_w * sum_l ||dL/dW_l||_1 + lambda_a * sum_l ||dL/da_l||_1
 
@@ -60,6 +60,12 @@ class Penalty(NamedTuple):
   lambda_a: float = 0.0
   impl: str = "hvp"
   fd_step: float = FD_STEP
+  norm: str = "l1"  # or "l2": sum_l ||g_l||_2 per layer / tap point, the paper's ablation
+
+
+NORMS = ("l1", "l2")
+# KURE's target: the kurtosis of a uniform distribution (Shkolnik et al. 2020).
+UNIFORM_KURTOSIS = 1.8
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -109,24 +115,46 @@ def task_gradients(params: PyTree, perturbations: PyTree, batch_stats: PyTree,
   return grads, (loss, aux)
 
 
+def l2_norms(tree: PyTree) -> jax.Array:
+  """Sum over leaves (layers or tap points) of each leaf's l2 norm."""
+  return sum((jnp.sqrt(jnp.sum(jnp.square(leaf))) for leaf in jax.tree.leaves(tree)),
+             jnp.zeros(()))
+
+
 def objective_and_terms(loss: jax.Array, grad_w: PyTree, grad_a: PyTree, penalty: Penalty):
-  """The objective's value and its logged terms, from the task gradients."""
-  penalty_w = l1_norm(kernels(grad_w))
-  penalty_a = l1_norm(grad_a)
-  total = loss + penalty.lambda_w * penalty_w + penalty.lambda_a * penalty_a
-  return total, {"task_loss": loss, "grad_l1_weights": penalty_w, "grad_l1_activations": penalty_a}
+  """The objective's value and its logged terms, from the task gradients.
+
+  The l1 norms are logged whatever the penalty's norm: they bound the
+  first-order loss change under quantization.
+  """
+  terms = {"task_loss": loss, "grad_l1_weights": l1_norm(kernels(grad_w)),
+           "grad_l1_activations": l1_norm(grad_a)}
+  if penalty.norm == "l2":
+    terms.update(grad_l2_weights=l2_norms(kernels(grad_w)), grad_l2_activations=l2_norms(grad_a))
+  penalty_w, penalty_a = terms[f"grad_{penalty.norm}_weights"], terms[f"grad_{penalty.norm}_activations"]
+  return loss + penalty.lambda_w * penalty_w + penalty.lambda_a * penalty_a, terms
+
+
+def _norm_derivative(g: jax.Array, norm: str) -> jax.Array:
+  """d||g||/dg: sign(g) for l1, g / ||g||_2 for l2 (0 at g = 0)."""
+  if norm == "l1":
+    return jnp.sign(g)
+  length = jnp.sqrt(jnp.sum(jnp.square(g)))
+  return g / jnp.where(length > 0, length, 1.0)
 
 
 def penalty_direction(grad_w: PyTree, grad_a: PyTree, penalty: Penalty):
-  """(lambda_w sign(dL/dW) on kernels and 0 elsewhere, lambda_a sign(dL/da)).
+  """(lambda_w d||dL/dW||/d(dL/dW) on kernels and 0 elsewhere, lambda_a d||dL/da||/d(dL/da)).
 
-  The gradient of the penalty is the Hessian applied to this direction; it is
-  a constant of the outer derivative (d|x|/dx = sign(x) is piecewise constant).
+  For l1 the derivatives are the signs. By the chain rule the penalty's
+  gradient is the Hessian applied to this direction, which enters as a
+  constant (the norm's derivative is evaluated at g, not differentiated again).
   """
   direction_w = jax.tree.map(
-      lambda g, is_kernel: penalty.lambda_w * jnp.sign(g) if is_kernel else jnp.zeros_like(g),
+      lambda g, is_kernel: (penalty.lambda_w * _norm_derivative(g, penalty.norm) if is_kernel
+                            else jnp.zeros_like(g)),
       grad_w, kernel_mask(grad_w))
-  direction_a = jax.tree.map(lambda g: penalty.lambda_a * jnp.sign(g), grad_a)
+  direction_a = jax.tree.map(lambda g: penalty.lambda_a * _norm_derivative(g, penalty.norm), grad_a)
   return jax.lax.stop_gradient((direction_w, direction_a))
 
 
@@ -216,8 +244,28 @@ def penalized_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[st
   return PENALIZED_VALUE_AND_GRAD[penalty.impl](params, batch_stats, batch, apply_fn, penalty)
 
 
-def plain_loss(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
-               apply_fn: ApplyFn):
-  """The unregularized objective, with the same outputs as penalized_loss (no penalty terms)."""
-  loss, (new_batch_stats, logits) = task_loss(params, None, batch_stats, batch, apply_fn)
-  return loss, (new_batch_stats, logits, {"task_loss": loss})
+def plain_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
+                         apply_fn: ApplyFn):
+  """The unregularized objective and its gradient, with the same outputs as
+  penalized_value_and_grad: the gradient norms are logged but not penalized."""
+  perturbations = zero_perturbations(apply_fn, params, batch_stats, batch["image"])
+  (grad_w, grad_a), (loss, (new_batch_stats, logits)) = task_gradients(
+      params, perturbations, batch_stats, batch, apply_fn)
+  _, terms = objective_and_terms(loss, grad_w, grad_a, Penalty())
+  return (loss, (new_batch_stats, logits, terms)), grad_w
+
+
+def kurtosis_penalty(params: PyTree) -> jax.Array:
+  """KURE (Shkolnik et al., NeurIPS 2020): mean over kernels of (kurtosis(W_l) - 1.8)^2.
+
+  Pushes each layer's weights towards a uniform distribution, which a uniform
+  quantizer represents with less error than a peaked, heavy-tailed one.
+  """
+  def excess(w):
+    centered = w - jnp.mean(w)
+    variance = jnp.mean(jnp.square(centered))
+    kurtosis = jnp.mean(centered**4) / jnp.square(variance + 1e-12)
+    return jnp.square(kurtosis - UNIFORM_KURTOSIS)
+
+  layers = kernels(params)
+  return sum((excess(w) for w in layers), jnp.zeros(())) / max(len(layers), 1)

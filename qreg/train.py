@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from qreg import data, evaluate, models, objectives, parallel, report
+from qreg import data, evaluate, models, objectives, parallel, quant, report
 
 PyTree = Any
 
@@ -68,11 +68,13 @@ def create_train_state(rng: jax.Array, model, optimizer: optax.GradientTransform
 
 
 def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
-                    penalty: objectives.Penalty | None):
-  """One optimizer step on a global batch; penalty=None is the plain (unregularized) step."""
+                    penalty: objectives.Penalty | None, lambda_kurtosis: float = 0.0):
+  """One optimizer step on a global batch; penalty=None is the plain (unregularized) step.
+
+  lambda_kurtosis > 0 adds KURE's weight-kurtosis term to the objective.
+  """
   if penalty is None:
-    value_and_grad = jax.value_and_grad(
-        functools.partial(objectives.plain_loss, apply_fn=apply_fn), has_aux=True)
+    value_and_grad = functools.partial(objectives.plain_value_and_grad, apply_fn=apply_fn)
   else:
     value_and_grad = functools.partial(objectives.penalized_value_and_grad, apply_fn=apply_fn,
                                        penalty=penalty)
@@ -80,6 +82,11 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     (loss, (batch_stats, logits, terms)), grads = value_and_grad(
         state.params, state.batch_stats, batch)
+    if lambda_kurtosis:
+      kurtosis, kurtosis_grads = jax.value_and_grad(objectives.kurtosis_penalty)(state.params)
+      loss = loss + lambda_kurtosis * kurtosis
+      grads = jax.tree.map(lambda g, k: g + lambda_kurtosis * k, grads, kurtosis_grads)
+      terms = dict(terms, kurtosis_penalty=kurtosis)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads),
@@ -88,6 +95,27 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
                          opt_state=opt_state), metrics
 
   return train_step
+
+
+def quantization_aware_apply_fn(model, weight_bits: int | None, act_bits: int | None,
+                                setup: "evaluate.QuantSetup") -> Callable:
+  """model.apply with straight-through fake quantization, for QAT (the STE baseline).
+
+  Kernels are fake-quantized with the sweep's weight scheme (on the unfolded
+  layers: BatchNorm is folded only after training); activations at every
+  tapped point with each batch's own min-max range.
+  """
+  qat_model = model.clone(act_bits=act_bits, act_scheme=setup.act_scheme,
+                          act_straight_through=act_bits is not None)
+
+  def apply_fn(variables, images, **kwargs):
+    params = variables["params"]
+    if weight_bits is not None:
+      quantized = setup.quantize_weights(params, weight_bits)
+      params = jax.tree.map(quant.straight_through, params, quantized)
+    return qat_model.apply(dict(variables, params=params), images, **kwargs)
+
+  return apply_fn
 
 
 def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, state: TrainState):
@@ -99,21 +127,47 @@ def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, state: TrainSt
                  donate_argnums=0)
 
 
+def _check_non_negative(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+      or value < 0:
+    raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
+
+
 def build_penalty(reg_config: ml_collections.ConfigDict) -> objectives.Penalty | None:
   """The penalty from config.reg, or None when both weights are zero (the plain step)."""
   for name in ("lambda_w", "lambda_a"):
-    value = reg_config[name]
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-      raise ValueError(f"reg.{name}={value!r} must be a finite number >= 0.")
+    _check_non_negative(f"reg.{name}", reg_config[name])
   if reg_config.impl not in objectives.IMPLS:
     raise ValueError(f"Unknown reg.impl {reg_config.impl!r}; expected one of {objectives.IMPLS}.")
+  if reg_config.norm not in objectives.NORMS:
+    raise ValueError(f"Unknown reg.norm {reg_config.norm!r}; expected one of {objectives.NORMS}.")
   fd_step = reg_config.fd_step
   if not isinstance(fd_step, (int, float)) or not math.isfinite(fd_step) or fd_step <= 0:
     raise ValueError(f"reg.fd_step={fd_step!r} must be a finite number > 0.")
   if reg_config.lambda_w == 0 and reg_config.lambda_a == 0:
     return None
   return objectives.Penalty(float(reg_config.lambda_w), float(reg_config.lambda_a),
-                            reg_config.impl, float(fd_step))
+                            reg_config.impl, float(fd_step), reg_config.norm)
+
+
+def build_method_step(config: ml_collections.ConfigDict, model,
+                      optimizer: optax.GradientTransformation) -> Callable | None:
+  """The train step used from reg.start_epoch on: gradient penalty, KURE and/or STE QAT.
+
+  None when the config asks for none of them (plain training throughout).
+  """
+  penalty = build_penalty(config.reg)
+  _check_non_negative("reg.lambda_kurtosis", config.reg.lambda_kurtosis)
+  weight_bits, act_bits = config.qat.weight_bits, config.qat.act_bits
+  quant.check_bits(weight_bits, "qat.weight_bits")
+  quant.check_bits(act_bits, "qat.act_bits")
+  if penalty is None and not config.reg.lambda_kurtosis and weight_bits is None and act_bits is None:
+    return None
+  apply_fn = model.apply
+  if weight_bits is not None or act_bits is not None:
+    apply_fn = quantization_aware_apply_fn(model, weight_bits, act_bits,
+                                           evaluate.build_quant_setup(config.quant))
+  return make_train_step(apply_fn, optimizer, penalty, float(config.reg.lambda_kurtosis))
 
 
 def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
@@ -169,12 +223,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size")
   pipeline = data.build_input_pipeline(config.data)
   model = models.build_model(config.model, pipeline.info.num_classes)
-  penalty = build_penalty(config.reg)
 
   steps_per_epoch = pipeline.steps_per_epoch(config.data.batch_size)
   total_steps = config.train.num_epochs * steps_per_epoch
   reg_start_step = config.reg.start_epoch * steps_per_epoch
   optimizer = build_optimizer(config.optim, total_steps, steps_per_epoch)
+  method_step = build_method_step(config, model, optimizer)
 
   state = jax.jit(functools.partial(create_train_state, model=model, optimizer=optimizer,
                                     image_shape=pipeline.info.image_shape),
@@ -187,8 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(state.step)
 
   plain_step = jit_train_step(make_train_step(model.apply, optimizer, None), mesh, state)
-  reg_step = (plain_step if penalty is None else
-              jit_train_step(make_train_step(model.apply, optimizer, penalty), mesh, state))
+  reg_step = plain_step if method_step is None else jit_train_step(method_step, mesh, state)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
@@ -201,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   window = []
   logging.info("Training %s on %s: %d steps (%d/epoch), regularized from step %d, %d devices.",
                config.model.name, config.data.name, total_steps, steps_per_epoch,
-               reg_start_step if penalty is not None else total_steps, mesh.devices.size)
+               reg_start_step if method_step is not None else total_steps, mesh.devices.size)
   for step in range(start_step, total_steps):
     batch = parallel.global_batch(next(batches), mesh)
     train_step = reg_step if step >= reg_start_step else plain_step

@@ -1,7 +1,7 @@
 """Plain BatchNorm conv nets: a small CNN for 28x28 inputs and the CIFAR-10 "VGG-like" net."""
 import flax.linen as nn
 
-from qreg.models.layers import ConvBN, DenseBN, QuantizedActivation
+from qreg.models.layers import ConvBN, DenseBN, activation_tap
 
 
 class ConvNet(nn.Module):
@@ -12,6 +12,7 @@ class ConvNet(nn.Module):
   hidden: int = 128
   act_bits: int | None = None
   act_scheme: str = "asymmetric"
+  act_straight_through: bool = False
   folded: bool = False
 
   @nn.compact
@@ -20,12 +21,12 @@ class ConvNet(nn.Module):
       raise ValueError(f"pool_after {self.pool_after} must have one entry per width {self.widths}.")
     for i, (width, pool) in enumerate(zip(self.widths, self.pool_after)):
       x = ConvBN(width, folded=self.folded, name=f"conv{i + 1}")(x, train)
-      x = QuantizedActivation(self.act_bits, self.act_scheme, name=f"act{i + 1}")(nn.relu(x))
+      x = activation_tap(self, f"act{i + 1}")(nn.relu(x))
       if pool:
         x = nn.max_pool(x, (2, 2), (2, 2))
     x = x.reshape((x.shape[0], -1))
     x = DenseBN(self.hidden, folded=self.folded, name="fc1")(x, train)
-    x = QuantizedActivation(self.act_bits, self.act_scheme, name=f"act{len(self.widths) + 1}")(nn.relu(x))
+    x = activation_tap(self, f"act{len(self.widths) + 1}")(nn.relu(x))
     return nn.Dense(self.num_classes, name="head")(x)
 
 

@@ -15,6 +15,7 @@ Two things make a model usable by qreg:
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from qreg import quant
@@ -60,6 +61,8 @@ class QuantizedActivation(nn.Module):
   """A point where an activation is perturbed (training) and quantized (evaluation)."""
   bits: int | None = None
   scheme: str = "asymmetric"
+  # QAT: quantize with this batch's own min-max range and pass gradients straight through.
+  straight_through: bool = False
   # Calibration keeps this many evenly strided values of each batch's activation.
   num_samples: int = 4096
 
@@ -74,6 +77,10 @@ class QuantizedActivation(nn.Module):
                jnp.concatenate([flat[::stride][:self.num_samples], jnp.stack([flat.min(), flat.max()])]))
     if self.bits is None:
       return x
+    if self.straight_through:
+      low, high = jax.lax.stop_gradient((jnp.min(x), jnp.max(x)))
+      return quant.straight_through(x, quant.quantize_activation(x, low, high, self.bits,
+                                                                 self.scheme))
     if not self.has_variable("activation_ranges", "min"):
       raise ValueError(
           f"{self.path}: activation quantization to {self.bits} bits needs calibrated "
@@ -81,3 +88,12 @@ class QuantizedActivation(nn.Module):
     low = self.get_variable("activation_ranges", "min")
     high = self.get_variable("activation_ranges", "max")
     return quant.quantize_activation(x, low, high, self.bits, self.scheme)
+
+
+def activation_tap(model: nn.Module, name: str) -> QuantizedActivation:
+  """The model's QuantizedActivation point `name`, configured by the model's act_* fields.
+
+  Call inside the model's compact __call__ (the new module binds to it).
+  """
+  return QuantizedActivation(model.act_bits, model.act_scheme, model.act_straight_through,
+                             name=name)

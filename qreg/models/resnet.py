@@ -1,7 +1,7 @@
 """ResNet-18 (He et al. 2016) with a CIFAR stem (3x3 conv, no pool) or an ImageNet stem (7x7/2 + max-pool)."""
 import flax.linen as nn
 
-from qreg.models.layers import ConvBN, QuantizedActivation
+from qreg.models.layers import ConvBN, activation_tap
 
 
 class BasicBlock(nn.Module):
@@ -9,17 +9,18 @@ class BasicBlock(nn.Module):
   strides: int = 1
   act_bits: int | None = None
   act_scheme: str = "asymmetric"
+  act_straight_through: bool = False
   folded: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     strides = (self.strides, self.strides)
     y = ConvBN(self.features, strides=strides, folded=self.folded, name="conv1")(x, train)
-    y = QuantizedActivation(self.act_bits, self.act_scheme, name="act1")(nn.relu(y))
+    y = activation_tap(self, "act1")(nn.relu(y))
     y = ConvBN(self.features, folded=self.folded, name="conv2")(y, train)
     if x.shape[-1] != self.features or self.strides != 1:
       x = ConvBN(self.features, (1, 1), strides, folded=self.folded, name="shortcut")(x, train)
-    return QuantizedActivation(self.act_bits, self.act_scheme, name="act2")(nn.relu(x + y))
+    return activation_tap(self, "act2")(nn.relu(x + y))
 
 
 class ResNet18(nn.Module):
@@ -29,23 +30,24 @@ class ResNet18(nn.Module):
   blocks_per_stage: int = 2
   act_bits: int | None = None
   act_scheme: str = "asymmetric"
+  act_straight_through: bool = False
   folded: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if self.stem == "cifar":
       x = ConvBN(self.widths[0], folded=self.folded, name="stem")(x, train)
-      x = QuantizedActivation(self.act_bits, self.act_scheme, name="stem_act")(nn.relu(x))
+      x = activation_tap(self, "stem_act")(nn.relu(x))
     elif self.stem == "imagenet":
       x = ConvBN(self.widths[0], (7, 7), (2, 2), folded=self.folded, name="stem")(x, train)
-      x = QuantizedActivation(self.act_bits, self.act_scheme, name="stem_act")(nn.relu(x))
+      x = activation_tap(self, "stem_act")(nn.relu(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
     else:
       raise ValueError(f"Unknown ResNet stem {self.stem!r}; expected 'cifar' or 'imagenet'.")
     for stage, width in enumerate(self.widths):
       for block in range(self.blocks_per_stage):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(width, strides, self.act_bits, self.act_scheme, self.folded,
-                       name=f"stage{stage + 1}_block{block + 1}")(x, train)
+        x = BasicBlock(width, strides, self.act_bits, self.act_scheme,
+                       self.act_straight_through, self.folded, name=f"stage{stage + 1}_block{block + 1}")(x, train)
     x = x.mean(axis=(1, 2))
     return nn.Dense(self.num_classes, name="head")(x)
