@@ -20,9 +20,6 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 
 from qreg import report  # pylint: disable=g-import-not-at-top
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Root directory of a sweep.")
-_OUT = flags.DEFINE_string("out", None, "Where to write the tables and plots (default: workdir).")
-
 
 def collect(root: str) -> dict[str, list[dict]]:
   """method -> [{"seed", "rows"}], in the order methods first appear."""
@@ -108,12 +105,18 @@ def make_tables(root: str, out: str) -> str:
   return table
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  print(make_tables(_WORKDIR.value, _OUT.value or _WORKDIR.value))
+def _command_line() -> None:
+  workdir = flags.DEFINE_string("workdir", None, "Root directory of a sweep.")
+  out = flags.DEFINE_string("out", None, "Where to write the tables and plots (default: workdir).")
+  flags.mark_flags_as_required(["workdir"])
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    print(make_tables(workdir.value, out.value or workdir.value))
+
+  app.run(main)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  _command_line()

@@ -27,10 +27,6 @@ from absl import app, flags, logging
 
 from qreg import data, train
 
-_CONFIG = flags.DEFINE_string("config", None, "Sweep config file (with get_config() and sweep()).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; one subdirectory per run.")
-_ONLY = flags.DEFINE_list("only", None, "Run only these run names (default: all).")
-
 # Fields a warm-started run may change: they only act from reg.start_epoch on.
 _METHOD_FIELDS = ("reg", "qat", "quant", "eval")
 
@@ -111,13 +107,20 @@ def run_sweep(sweep_path: str, root: str, only: list[str] | None = None) -> None
     print(f"=== {run['name']} done in {time.time() - start:.0f}s ===", flush=True)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  train.configure_logging()
-  run_sweep(_CONFIG.value, _WORKDIR.value, _ONLY.value)
+def _command_line() -> None:
+  config = flags.DEFINE_string("config", None, "Sweep config file (with get_config() and sweep()).")
+  workdir = flags.DEFINE_string("workdir", None, "Root directory; one subdirectory per run.")
+  only = flags.DEFINE_list("only", None, "Run only these run names (default: all).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    train.configure_logging()
+    run_sweep(config.value, workdir.value, only.value)
+
+  app.run(main)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  _command_line()

@@ -43,7 +43,8 @@ def _loss(params, stats, batch, penalty):
 
 
 @pytest.mark.parametrize("penalty", [objectives.Penalty(0.3, 0.0), objectives.Penalty(0.0, 0.3),
-                                     objectives.Penalty(0.2, 0.5)])
+                                     objectives.Penalty(0.2, 0.5),
+                                     objectives.Penalty(0.2, 0.5, norm="l2")])
 def test_penalized_gradient_matches_central_differences(penalty):
   with jax.enable_x64(True):
     params, stats, batch = _problem(jnp.float64)
@@ -111,7 +112,8 @@ def _flat(tree):
 
 
 @pytest.mark.parametrize("penalty", [objectives.Penalty(0.3, 0.0), objectives.Penalty(0.0, 0.3),
-                                     objectives.Penalty(0.2, 0.5)])
+                                     objectives.Penalty(0.2, 0.5),
+                                     objectives.Penalty(0.2, 0.5, norm="l2")])
 def test_hvp_equals_nested(penalty):
   with jax.enable_x64(True):
     params, stats, batch = _problem(jnp.float64)

@@ -1,0 +1,157 @@
+"""The table's baselines (KURE, STE QAT, l2) and the sweep machinery, against independent computations."""
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import scipy.stats
+
+from experiments import make_tables, run_sweep
+from qreg import evaluate, objectives, quant, train
+from qreg.models import SmallCNN
+from qreg.models.layers import QuantizedActivation
+from tests.fakes import tiny_config, write_idx_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kurtosis_penalty_matches_scipy_and_finite_differences():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    params = {"a": {"kernel": jnp.asarray(rng.standard_t(3, size=(5, 7)))},
+              "b": {"kernel": jnp.asarray(rng.uniform(-1, 1, size=(40,))), "bias": jnp.ones(3)}}
+    expected = np.mean([(scipy.stats.kurtosis(np.ravel(p["kernel"]), fisher=False) - 1.8) ** 2
+                        for p in params.values()])
+    np.testing.assert_allclose(objectives.kurtosis_penalty(params), expected, rtol=1e-9)
+    grad = jax.grad(objectives.kurtosis_penalty)(params)
+    np.testing.assert_array_equal(grad["b"]["bias"], 0.0)  # only kernels are penalized
+    direction = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+    eps = 1e-6
+    shifted = lambda sign: jax.tree.map(lambda p, d: p + sign * eps * d, params, direction)
+    numeric = (objectives.kurtosis_penalty(shifted(1)) - objectives.kurtosis_penalty(shifted(-1))) / (2 * eps)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+
+
+def _qat_problem():
+  model = SmallCNN(num_classes=3, widths=(4, 6), pool_after=(True, False), hidden=8)
+  keys = jax.random.split(jax.random.key(0), 3)
+  images = jax.random.normal(keys[1], (6, 8, 8, 1))
+  variables = model.init(keys[0], images, train=False)
+  labels = jax.random.randint(keys[2], (6,), 0, 3)
+  return model, variables, images, labels
+
+
+def test_qat_forward_uses_fake_quantized_kernels():
+  model, variables, images, _ = _qat_problem()
+  apply_fn = train.quantization_aware_apply_fn(model, 4, None, evaluate.QuantSetup())
+  qparams = quant.quantize_params(variables["params"], 4)
+  np.testing.assert_allclose(apply_fn(variables, images, train=False),
+                             model.apply({**variables, "params": qparams}, images, train=False),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_activation_straight_through_quantizes_with_the_batch_range():
+  tap = QuantizedActivation(bits=3, straight_through=True)
+  x = jax.random.normal(jax.random.key(0), (4, 5, 5, 2))
+  out = tap.apply({}, x)
+  np.testing.assert_allclose(out, quant.quantize_activation(x, x.min(), x.max(), 3, "asymmetric"),
+                             rtol=1e-6, atol=1e-7)
+  assert len(np.unique(np.asarray(out))) <= 2**3
+  weights = jax.random.normal(jax.random.key(1), x.shape)
+  grad = jax.grad(lambda x: jnp.sum(weights * tap.apply({}, x)))(x)
+  np.testing.assert_allclose(grad, weights, rtol=1e-6)  # the identity's gradient
+
+
+def test_qat_gradient_is_straight_through():
+  """d/dW L(q(W)) under the STE is dL/dW' evaluated at W' = q(W) (the identity's Jacobian)."""
+  model, variables, images, labels = _qat_problem()
+  apply_fn = train.quantization_aware_apply_fn(model, 3, None, evaluate.QuantSetup())
+  loss = lambda p, fn: objectives.cross_entropy(
+      fn({**variables, "params": p}, images, train=False), labels)
+  got = jax.grad(loss)(variables["params"], apply_fn)
+  qparams = quant.quantize_params(variables["params"], 3)
+  expected = jax.grad(loss)(qparams, model.apply)
+  chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_method_config_validation():
+  config = tiny_config("/nonexistent")
+  model = SmallCNN()
+  optimizer = train.build_optimizer(config.optim, 10, 5)
+  for field, value, message in [("reg.norm", "l3", "Unknown reg.norm"),
+                                ("reg.lambda_kurtosis", -1.0, "lambda_kurtosis"),
+                                ("qat.weight_bits", 1, r"qat.weight_bits=1")]:
+    bad = tiny_config("/nonexistent")
+    section, key = field.split(".")
+    bad[section][key] = value
+    with pytest.raises(ValueError, match=message):
+      train.build_method_step(bad, model, optimizer)
+  config.reg.lambda_w = config.reg.lambda_a = 0.0
+  assert train.build_method_step(config, model, optimizer) is None  # no method: plain throughout
+
+
+@pytest.mark.parametrize("table", ["fashion_mnist", "cifar10_vgg", "cifar10_resnet18",
+                                   "imagenet_resnet18"])
+def test_table_configs_list_valid_runs(table):
+  get_config, runs = run_sweep.load_sweep(os.path.join(REPO, "configs", "tables", f"{table}.py"))
+  assert {r["labels"]["method"] for r in runs} == {"no-reg", "l2", "l1", "ste-qat@4", "kure"}
+  assert {r["labels"]["seed"] for r in runs} == {0, 1, 2}
+  model = SmallCNN()
+  for run in runs:
+    config = run_sweep.run_config(get_config, run)
+    optimizer = train.build_optimizer(config.optim, 10, 5)
+    step = train.build_method_step(config, model, optimizer)
+    assert (step is None) == (run["labels"]["method"] == "no-reg")
+    assert evaluate.parse_bit_settings(config.quant.bit_settings)[0] == (None, None)
+
+
+SWEEP_FILE = '''
+from tests.fakes import tiny_config
+IDX = {idx!r}
+def get_config():
+  config = tiny_config(IDX)
+  config.quant.bit_settings = [(None, None), (4, 4)]
+  return config
+def sweep():
+  runs = []
+  for seed in (0, 1):
+    runs.append({{"name": f"base/seed{{seed}}", "labels": {{"method": "base", "seed": seed}},
+                 "overrides": {{"seed": seed, "reg.lambda_w": 0.0, "reg.lambda_a": 0.0}}}})
+    runs.append({{"name": f"l1/seed{{seed}}", "labels": {{"method": "l1", "seed": seed}},
+                 "overrides": {{"seed": seed}}, "warm_start": f"base/seed{{seed}}"}})
+  runs.append({{"name": "l1-scratch", "overrides": {{"seed": 0}}}})
+  return runs
+'''
+
+
+def test_sweep_runner_warm_start_and_tables(tmp_path):
+  idx_dir = tmp_path / "idx"
+  idx_dir.mkdir()
+  write_idx_dir(idx_dir, 64, 20)
+  sweep_path = tmp_path / "sweep.py"
+  sweep_path.write_text(SWEEP_FILE.format(idx=str(idx_dir)))
+  root = tmp_path / "runs"
+  run_sweep.run_sweep(str(sweep_path), str(root))
+
+  # The warm-started run equals the same run trained from scratch.
+  final = lambda name: ocp.CheckpointManager(str(root / name / "checkpoints")).restore(16)
+  chex.assert_trees_all_equal(final("l1/seed0")["params"], final("l1-scratch")["params"])
+
+  # Finished runs are skipped.
+  mtime = os.path.getmtime(root / "l1/seed0" / "results.json")
+  run_sweep.run_sweep(str(sweep_path), str(root))
+  assert os.path.getmtime(root / "l1/seed0" / "results.json") == mtime
+
+  table = make_tables.make_tables(str(root), str(tmp_path / "tables"))
+  accuracies = []
+  for seed in (0, 1):
+    with open(root / f"l1/seed{seed}" / "results.json") as f:
+      accuracies.append([100 * r["accuracy"] for r in json.load(f)["rows"]])
+  mean, std = np.mean(accuracies, 0), np.std(accuracies, 0, ddof=1)
+  assert f"| l1 | {mean[0]:.2f} ± {std[0]:.2f} | {mean[1]:.2f} ± {std[1]:.2f} | 2 |" in table
+  assert (tmp_path / "tables" / "accuracy.png").stat().st_size > 0
