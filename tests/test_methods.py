@@ -96,10 +96,11 @@ def test_method_config_validation():
 
 
 @pytest.mark.parametrize("table", ["fashion_mnist", "cifar10_vgg", "cifar10_resnet18",
-                                   "imagenet_resnet18"])
+                                   "imagenet_resnet18", "fashion_mnist_ablations"])
 def test_table_configs_list_valid_runs(table):
   get_config, runs = run_sweep.load_sweep(os.path.join(REPO, "configs", "tables", f"{table}.py"))
-  assert {r["labels"]["method"] for r in runs} == {"no-reg", "l2", "l1", "ste-qat@4", "kure"}
+  if table != "fashion_mnist_ablations":
+    assert {r["labels"]["method"] for r in runs} == {"no-reg", "l2", "l1", "ste-qat@4", "kure"}
   assert {r["labels"]["seed"] for r in runs} == {0, 1, 2}
   model = SmallCNN()
   for run in runs:
@@ -155,3 +156,23 @@ def test_sweep_runner_warm_start_and_tables(tmp_path):
   mean, std = np.mean(accuracies, 0), np.std(accuracies, 0, ddof=1)
   assert f"| l1 | {mean[0]:.2f} ± {std[0]:.2f} | {mean[1]:.2f} ± {std[1]:.2f} | 2 |" in table
   assert (tmp_path / "tables" / "accuracy.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("table,run_name", [("cifar10_vgg", "l1/seed0"),
+                                            ("imagenet_resnet18", "ste-qat@4/seed0")])
+def test_paper_table_runs_on_mock_tfds_data(tmp_path, table, run_name):
+  """A paper-table run through the real TFDS path on mock data, a couple of steps."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  get_config, runs = run_sweep.load_sweep(os.path.join(REPO, "configs", "tables", f"{table}.py"))
+  config = run_sweep.run_config(get_config, next(r for r in runs if r["name"] == run_name))
+  config.data.download = True  # the mock prepares nothing and fetches nothing
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.data.image_size = 32
+  config.data.batch_size = config.eval.batch_size = 4
+  config.train.num_epochs, config.reg.start_epoch = 1, 0
+  config.quant.bit_settings = [(None, None), (4, 4)]
+  config.quant.num_calibration_batches = 1
+  with tfds.testing.mock_data(num_examples=8):
+    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert [(r["weight_bits"], r["act_bits"]) for r in results["rows"]] == [(None, None), (4, 4)]
+  assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["rows"])
