@@ -21,12 +21,22 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 from qreg import report  # pylint: disable=g-import-not-at-top
 
 
+def _run_dirs(root: str) -> list[str]:
+  """Run directories in the sweep's order (root/sweep.json), else in path order."""
+  found = sorted(dirpath for dirpath, _, files in os.walk(root)
+                 if "run.json" in files and "results.json" in files)
+  sweep_file = os.path.join(root, "sweep.json")
+  if not os.path.exists(sweep_file):
+    return found
+  with open(sweep_file) as f:
+    order = {os.path.join(root, name): i for i, name in enumerate(json.load(f)["runs"])}
+  return sorted(found, key=lambda d: order.get(d, len(order)))
+
+
 def collect(root: str) -> dict[str, list[dict]]:
   """method -> [{"seed", "rows"}], in the order methods first appear."""
   by_method = collections.OrderedDict()
-  for dirpath, _, files in sorted(os.walk(root)):
-    if "run.json" not in files or "results.json" not in files:
-      continue
+  for dirpath in _run_dirs(root):
     with open(os.path.join(dirpath, "run.json")) as f:
       run = json.load(f)
     with open(os.path.join(dirpath, "results.json")) as f:

@@ -84,6 +84,10 @@ def warm_start(config, source_config, source_dir: str, run_dir: str) -> bool:
 def run_sweep(sweep_path: str, root: str, only: list[str] | None = None) -> None:
   get_config, runs = load_sweep(sweep_path)
   by_name = {run["name"]: run for run in runs}
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, "sweep.json"), "w") as f:
+    json.dump({"config": os.path.abspath(sweep_path), "runs": [run["name"] for run in runs]}, f,
+              indent=2)
   for run in runs:
     if only and run["name"] not in only:
       continue
