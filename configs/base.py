@@ -55,6 +55,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.num_epochs = 10
   config.train.log_every_steps = 100
+  # Checkpoints are saved at each epoch end, on SIGTERM and, when > 0, every this many steps.
+  config.train.checkpoint_every_steps = 0
+  # At least 2, so that a damaged latest checkpoint leaves an earlier one to resume from.
+  config.train.checkpoints_to_keep = 3
 
   config.quant = ml_collections.ConfigDict()
   config.quant.bit_settings = DEFAULT_BIT_SETTINGS

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from qreg import parallel, quant, report
 from qreg.models import BN_EPSILON
@@ -118,10 +119,14 @@ def _activation_samples(apply_fn: Callable, variables: PyTree, images: jax.Array
 
 def collect_activation_samples(apply_fn: Callable, variables: PyTree,
                                batches: Iterable[dict[str, np.ndarray]], mesh) -> PyTree:
-  """Samples of every tapped activation over the batches: {point: {'samples': np.ndarray}}."""
+  """Samples of every tapped activation over the batches: {point: {'samples': np.ndarray}}.
+
+  Every process gets the samples of the whole global batches, hence the same ranges.
+  """
   variables = _replicate(variables, mesh)
-  per_batch = [jax.device_get(_activation_samples(
-      apply_fn, variables, parallel.global_batch(batch, mesh)["image"])) for batch in batches]
+  per_batch = [multihost_utils.process_allgather(_activation_samples(
+      apply_fn, variables, parallel.global_batch(batch, mesh)["image"]), tiled=True)
+      for batch in batches]
   if not per_batch:
     raise ValueError("No calibration batches.")
   return jax.tree.map(lambda *xs: np.concatenate(xs), *per_batch)
@@ -184,8 +189,8 @@ def evaluate_bit_settings(evaluator: SweepEvaluator, folded_params: PyTree,
       samples_by_weight_bits[weight_bits] = evaluator.calibration_samples(qparams)
     acc = evaluator.accuracy(qparams, act_bits, samples_by_weight_bits.get(weight_bits))
     rows.append({"weight_bits": weight_bits, "act_bits": act_bits, "accuracy": acc})
-    print(f"  W{report.setting_name(weight_bits):>5} A{report.setting_name(act_bits):>5}  accuracy {acc:.4f}"
-          f"  ({time.time() - start:.1f}s)", flush=True)
+    report.print_once(f"  W{report.setting_name(weight_bits):>5} A{report.setting_name(act_bits):>5}  accuracy {acc:.4f}"
+                      f"  ({time.time() - start:.1f}s)")
   return rows
 
 
@@ -202,7 +207,7 @@ def layer_sensitivity(evaluator: SweepEvaluator, folded_params: PyTree,
                                     per_channel=evaluator.setup.per_channel, rules=only_this)
     acc = evaluator.accuracy(qparams, None)
     rows.append({"layer": layer, "weight_bits": bits, "accuracy": acc})
-    print(f"  {layer:<40} W{bits}  accuracy {acc:.4f}", flush=True)
+    report.print_once(f"  {layer:<40} W{bits}  accuracy {acc:.4f}")
   return rows
 
 
@@ -213,15 +218,14 @@ def run_sweep(config: ml_collections.ConfigDict, model, params: PyTree, batch_st
   setup = build_quant_setup(config.quant)
   evaluator = SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size)
   folded_params = quant.fold_batch_norm(params, batch_stats, BN_EPSILON)
-  print(f"Post-training quantization sweep ({len(settings)} settings; {setup.describe()}):",
-        flush=True)
+  report.print_once(f"Post-training quantization sweep ({len(settings)} settings; {setup.describe()}):")
   results = {"rows": evaluate_bit_settings(evaluator, folded_params, settings),
              "quantization": setup.describe(),
              "config": json.loads(config.to_json_best_effort()),
              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
   if config.quant.sensitivity_bits is not None:
     quant.check_bits(config.quant.sensitivity_bits, "quant.sensitivity_bits")
-    print(f"Per-layer sensitivity at {config.quant.sensitivity_bits} bits:", flush=True)
+    report.print_once(f"Per-layer sensitivity at {config.quant.sensitivity_bits} bits:")
     results["sensitivity"] = layer_sensitivity(evaluator, folded_params,
                                                config.quant.sensitivity_bits)
   return results

@@ -98,12 +98,18 @@ def plot_accuracy(all_results: Sequence[Results], labels: Sequence[str], path: s
   plt.close(fig)
 
 
+def print_once(*args) -> None:
+  """print() on process 0 only: every process runs the sweep, the first one reports it."""
+  if jax.process_index() == 0:
+    print(*args, flush=True)
+
+
 def write_results(results: Results, workdir: str) -> None:
-  """Prints the table; process 0 writes results.json, results.md and results.png to workdir."""
-  table = results_table(results)
-  print(table, flush=True)
+  """Process 0 prints the table and writes results.json, results.md and results.png to workdir."""
   if jax.process_index() != 0:
     return
+  table = results_table(results)
+  print(table, flush=True)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   with open(os.path.join(workdir, "results.md"), "w") as f:

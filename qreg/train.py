@@ -1,8 +1,13 @@
 """The training loop: jitted data-parallel step, checkpoints, metrics, then the PTQ sweep."""
+import contextlib
 import functools
+import json
 import logging as std_logging
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 
 from qreg import data, evaluate, models, objectives, parallel, quant, report
 
@@ -23,6 +29,9 @@ PyTree = Any
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
+# Config fields that a checkpoint's array shapes depend on (data.name: input channels and
+# classes); a workdir's checkpoints only resume under the same values.
+CHECKPOINT_SHAPE_FIELDS = ("data.name", "model.name", "model.stem", "optim.name")
 
 
 @flax.struct.dataclass
@@ -170,24 +179,142 @@ def build_method_step(config: ml_collections.ConfigDict, model,
   return make_train_step(apply_fn, optimizer, penalty, float(config.reg.lambda_kurtosis))
 
 
-def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
+def _checkpoint_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -> TrainState | None:
-  """The latest checkpoint restored onto abstract_state's structure and shardings, or None."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-  except Exception as e:  # orbax raises several types for a mismatched or damaged checkpoint
+  """The newest checkpoint that restores onto abstract_state's structure and shardings.
+
+  A damaged or partly written checkpoint (a full disk, a copy cut short) is
+  skipped with a warning in favour of the one before it. Returns None when
+  there is no checkpoint; raises RuntimeError when there are some but none restores.
+  """
+  unfinished = [name for name in os.listdir(manager.directory) if ocp.utils.TMP_DIR_SUFFIX in name]
+  if unfinished:
+    logging.warning("Ignoring unfinished checkpoint writes in %s (the process died while saving): %s",
+                    manager.directory, ", ".join(sorted(unfinished)))
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # orbax raises several types for a mismatched or damaged checkpoint
+      reason = f"{type(e).__name__}: {str(e)[:500]}"
+      failures.append(f"step {step}: {reason}")
+      logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying the previous one.",
+                      step, manager.directory, reason)
+      continue
+    if failures:
+      logging.warning("Restored checkpoint step %d instead of the damaged newer one(s).", step)
+    return state
+  if failures:
     raise RuntimeError(
-        f"Could not restore checkpoint step {step} from {manager.directory}: {e}\n"
-        "It was written by a different model/optimizer config or is damaged; use a fresh "
-        "--workdir or delete that checkpoint.") from e
+        f"No checkpoint in {manager.directory} can be restored:\n  " + "\n  ".join(failures) +
+        "\nThey were written by a different model/optimizer config or are damaged; use a fresh "
+        "--workdir, or move the checkpoints directory away to start over.")
+  return None
+
+
+def _set_aside_newer_checkpoints(manager: ocp.CheckpointManager, step: int, workdir: str) -> None:
+  """Moves the checkpoints newer than `step` (they failed to restore) to workdir/damaged_checkpoints.
+
+  Left in place they would shadow the checkpoints this run writes at the same steps.
+  """
+  newer = [s for s in manager.all_steps() if s > step]
+  if not newer:
+    return
+  if jax.process_index() == 0:
+    target_dir = os.path.join(workdir, "damaged_checkpoints")
+    os.makedirs(target_dir, exist_ok=True)
+    for damaged in newer:
+      target = os.path.join(target_dir, f"{damaged}-{time.strftime('%Y%m%d-%H%M%S')}")
+      shutil.move(os.fspath(manager.directory / str(damaged)), target)
+      logging.warning("Moved the unrestorable checkpoint step %d to %s; training goes on from "
+                      "step %d.", damaged, target, step)
+  multihost_utils.sync_global_devices("qreg: damaged checkpoints set aside")
+  manager.reload()
+
+
+def _config_value(config: ml_collections.ConfigDict | dict, field: str):
+  section, key = field.split(".")
+  return config.get(section, {}).get(key)
+
+
+def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ValueError when workdir's checkpoints come from a config with other array shapes.
+
+  Compares the fields in CHECKPOINT_SHAPE_FIELDS with workdir/config.json (written
+  with the checkpoints), so the message names what differs.
+  """
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except FileNotFoundError:
+    return
+  except (OSError, ValueError) as e:
+    logging.warning("Cannot read %s (%s); not checking that its checkpoints match this config.",
+                    path, e)
+    return
+  differences = [f"{field}={_config_value(config, field)!r} here but "
+                 f"{_config_value(stored, field)!r} there"
+                 for field in CHECKPOINT_SHAPE_FIELDS
+                 if _config_value(stored, field) is not None
+                 and _config_value(stored, field) != _config_value(config, field)]
+  if differences:
+    raise ValueError(
+        f"{workdir} holds checkpoints of a different run ({'; '.join(differences)}; see {path}). "
+        "They cannot be resumed with this config: pass another --workdir, or the run's own "
+        "values to resume it.")
+
+
+def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Raises ValueError, naming the field, for values the build_* functions do not check.
+
+  Runs before anything is written, so that a mistyped value costs no work.
+  """
+  for field, minimum in (("train.num_epochs", 1), ("train.log_every_steps", 1),
+                         ("train.checkpoint_every_steps", 0), ("train.checkpoints_to_keep", 2),
+                         ("reg.start_epoch", 0)):
+    value = _config_value(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise ValueError(f"{field}={value!r} must be an integer >= {minimum}.")
+  lr = config.optim.learning_rate
+  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    raise ValueError(f"optim.learning_rate={lr!r} must be a finite number > 0.")
+  parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size")
+  parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+  evaluate.parse_bit_settings(config.quant.bit_settings)
+  evaluate.build_quant_setup(config.quant)
+  quant.check_bits(config.quant.sensitivity_bits, "quant.sensitivity_bits")
+  if (config.reg.start_epoch >= config.train.num_epochs
+      and (config.reg.lambda_w != 0 or config.reg.lambda_a != 0)):
+    logging.warning("reg.start_epoch=%d >= train.num_epochs=%d: the regularizer never runs.",
+                    config.reg.start_epoch, config.train.num_epochs)
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM after checkpointing; rerunning the same command resumes it."""
+
+
+@contextlib.contextmanager
+def _sigterm_sets_flag():
+  """While active, SIGTERM sets the yielded Event instead of killing the process.
+
+  Not under jax.distributed, whose preemption service owns SIGTERM and picks a
+  step that all processes reach (CheckpointManager.reached_preemption).
+  """
+  received = threading.Event()
+  if jax.distributed.is_initialized() or threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
+  try:
+    yield received
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _check_finite(metrics: dict[str, float], step: int) -> None:
@@ -207,73 +334,115 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def configure_logging() -> None:
-  """INFO logs for qreg's progress and metrics, without the per-checkpoint library logs."""
-  logging.set_verbosity(logging.INFO)
+  """INFO logs for qreg's progress and metrics, without the per-checkpoint library logs.
+
+  Processes other than 0 log warnings and errors only.
+  """
+  logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _write_train_metrics(writer: metric_writers.MetricWriter, window: list[dict[str, jax.Array]],
+                         step: int) -> None:
+  """Writes the means of the window's step metrics; raises on a non-finite one."""
+  summary = {k: float(np.mean([m[k] for m in window if k in m])) for k in window[-1]}
+  _check_finite(summary, step)
+  writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       mesh: jax.sharding.Mesh | None = None,
+                       pipeline: data.InputPipeline | None = None) -> dict[str, Any]:
   """Trains (resuming from workdir if it holds a checkpoint), then runs the PTQ sweep.
 
-  Returns the results dict also written to workdir/results.json.
+  The whole config is checked before anything is written to workdir. Checkpoints
+  are saved at each epoch end, every train.checkpoint_every_steps steps and on
+  SIGTERM, after which Preempted is raised. mesh defaults to all devices of all
+  processes, pipeline to the one config.data describes. Returns the results dict
+  also written to workdir/results.json.
   """
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size")
-  pipeline = data.build_input_pipeline(config.data)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  check_config(config, mesh)
+  pipeline = data.build_input_pipeline(config.data) if pipeline is None else pipeline
   model = models.build_model(config.model, pipeline.info.num_classes)
 
   steps_per_epoch = pipeline.steps_per_epoch(config.data.batch_size)
+  if steps_per_epoch == 0:
+    raise ValueError(f"data.batch_size={config.data.batch_size} exceeds the "
+                     f"{pipeline.info.num_train} training examples of {config.data.name}.")
   total_steps = config.train.num_epochs * steps_per_epoch
   reg_start_step = config.reg.start_epoch * steps_per_epoch
   optimizer = build_optimizer(config.optim, total_steps, steps_per_epoch)
   method_step = build_method_step(config, model, optimizer)
 
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory.")
+  os.makedirs(workdir, exist_ok=True)
+  manager = _checkpoint_manager(workdir, config.train.checkpoints_to_keep)
+  if manager.all_steps():
+    check_workdir_matches(config, workdir)
   state = jax.jit(functools.partial(create_train_state, model=model, optimizer=optimizer,
                                     image_shape=pipeline.info.image_shape),
                   out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
-  manager = _checkpoint_manager(workdir)
   restored = restore_latest(manager, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
   if restored is not None:
     state = restored
+    _set_aside_newer_checkpoints(manager, int(state.step), workdir)
     logging.info("Resumed from %s at step %d.", manager.directory, int(state.step))
   start_step = int(state.step)
 
   plain_step = jit_train_step(make_train_step(model.apply, optimizer, None), mesh, state)
   reg_step = plain_step if method_step is None else jit_train_step(method_step, mesh, state)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  # Metrics are written by process 0 only; the others train silently.
+  writer = (metric_writers.create_default_writer(workdir) if jax.process_index() == 0
+            else metric_writers.MultiWriter([]))
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_secs=30)
   log_every = config.train.log_every_steps
+  checkpoint_every = config.train.checkpoint_every_steps
   batches = pipeline.train_batches(config.data.batch_size, config.seed, start_step)
   window = []
-  logging.info("Training %s on %s: %d steps (%d/epoch), regularized from step %d, %d devices.",
-               config.model.name, config.data.name, total_steps, steps_per_epoch,
-               reg_start_step if method_step is not None else total_steps, mesh.devices.size)
-  for step in range(start_step, total_steps):
-    batch = parallel.global_batch(next(batches), mesh)
-    train_step = reg_step if step >= reg_start_step else plain_step
-    state, metrics = train_step(state, batch)
-    window.append(metrics)
-    progress(step + 1)
-    last_in_epoch = (step + 1) % steps_per_epoch == 0
-    if (step + 1) % log_every == 0 or last_in_epoch or step + 1 == total_steps:
-      summary = {k: float(np.mean([m[k] for m in window if k in m])) for k in window[-1]}
-      _check_finite(summary, step + 1)
-      writer.write_scalars(step + 1, {f"train/{k}": v for k, v in summary.items()})
-      window = []
-    if last_in_epoch or step + 1 == total_steps:
-      test_accuracy = evaluate.accuracy(
-          model.apply, {"params": state.params, "batch_stats": state.batch_stats},
-          pipeline.eval_batches(config.eval.batch_size), mesh)
-      writer.write_scalars(step + 1, {"test/accuracy": test_accuracy,
-                                      "epoch": (step + 1) / steps_per_epoch})
-      manager.save(step + 1, args=ocp.args.StandardSave(state))
+  config_written = False
+  logging.info("Training %s on %s: %d steps (%d/epoch), regularized from step %d, %d devices "
+               "in %d process(es).", config.model.name, config.data.name, total_steps,
+               steps_per_epoch, reg_start_step if method_step is not None else total_steps,
+               mesh.devices.size, jax.process_count())
+  with _sigterm_sets_flag() as sigterm_received:
+    for step in range(start_step, total_steps):
+      batch = parallel.global_batch(next(batches), mesh)
+      train_step = reg_step if step >= reg_start_step else plain_step
+      state, metrics = train_step(state, batch)
+      window.append(metrics)
+      done = step + 1
+      progress(done)
+      last_in_epoch = done % steps_per_epoch == 0
+      preempted = sigterm_received.is_set() or manager.reached_preemption(done)
+      checkpoint = (last_in_epoch or preempted
+                    or (checkpoint_every > 0 and done % checkpoint_every == 0))
+      # Metrics are checked before every checkpoint, so that a NaN state is never saved.
+      if done % log_every == 0 or checkpoint:
+        _write_train_metrics(writer, window, done)
+        window = []
+      if last_in_epoch:
+        test_accuracy = evaluate.accuracy(
+            model.apply, {"params": state.params, "batch_stats": state.batch_stats},
+            pipeline.eval_batches(config.eval.batch_size), mesh)
+        writer.write_scalars(done, {"test/accuracy": test_accuracy,
+                                    "epoch": done / steps_per_epoch})
+      if checkpoint:
+        # config.json describes the checkpoints next to it: (re)written with this run's first.
+        if not config_written and jax.process_index() == 0:
+          with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        config_written = True
+        manager.save(done, args=ocp.args.StandardSave(state))
+      if preempted:
+        manager.wait_until_finished()
+        writer.flush()
+        raise Preempted(f"Stopped by SIGTERM after step {done} of {total_steps}; saved checkpoint "
+                        f"{done} in {manager.directory}. Rerun the same command to resume.")
   manager.wait_until_finished()
   writer.flush()
 
@@ -298,6 +467,8 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str):
   abstract_state = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract_state)
   manager = _checkpoint_manager(os.path.abspath(workdir))
+  if manager.all_steps():
+    check_workdir_matches(config, os.path.abspath(workdir))
   state = restore_latest(manager, abstract_state)
   if state is None:
     raise FileNotFoundError(f"No checkpoint in {manager.directory}; train first with qreg.main.")

@@ -46,7 +46,10 @@ def write_idx_dir(directory, num_train: int, num_test: int) -> dict[str, dict[st
 
 
 def tiny_config(idx_dir):
-  """configs/fashion_mnist.py on a write_idx_dir directory, sized to run in seconds."""
+  """configs/fashion_mnist.py on a write_idx_dir directory, sized to run in seconds.
+
+  Two epochs of 8 steps, the second regularized.
+  """
   config = fashion_mnist.get_config()
   config.data.data_dir = idx_dir
   config.data.batch_size = BATCH
@@ -57,3 +60,8 @@ def tiny_config(idx_dir):
   config.quant.bit_settings = BIT_SETTINGS
   config.quant.num_calibration_batches = 2
   return config
+
+
+def get_config(idx_dir):
+  """tiny_config for the command line: --config=tests/fakes.py:IDX_DIR."""
+  return tiny_config(idx_dir)

@@ -1,32 +1,17 @@
-"""End to end on tiny IDX data: the command line, results.json, checkpoints and resuming."""
+"""End to end on tiny IDX data: the command line, results.json, falling back from a damaged checkpoint."""
 import json
+import logging
 import os
-import shutil
 import subprocess
 import sys
 
-import chex
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from qreg import train
-from tests.fakes import BATCH, BIT_SETTINGS, NUM_TEST, NUM_TRAIN, tiny_config, write_idx_dir
+from tests.conftest import assert_trees_bit_identical, latest_state
+from tests.fakes import BATCH, BIT_SETTINGS, NUM_TEST, NUM_TRAIN, tiny_config, write_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-  directory = tmp_path_factory.mktemp("idx")
-  write_idx_dir(directory, NUM_TRAIN, NUM_TEST)
-  return str(directory)
-
-
-def latest_state(workdir):
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  return manager.latest_step(), manager.restore(manager.latest_step())
 
 
 def assert_valid_results(results):
@@ -59,81 +44,42 @@ def test_command_line_trains_and_writes_results(idx_dir, tmp_path):
   assert "grad_l1_weights" in result.stderr  # penalty terms are logged
 
 
-def test_interrupted_run_resumes_to_the_same_parameters(idx_dir, tmp_path):
-  config = tiny_config(idx_dir)
-  full = str(tmp_path / "full")
-  results = train.train_and_evaluate(config, full)
-  assert_valid_results(results)
-  steps_per_epoch = NUM_TRAIN // BATCH
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference_run, reference_copy,
+                                                                   caplog):
+  config, reference_workdir, reference_results = reference_run
+  assert_valid_results(reference_results)
+  checkpoints = os.path.join(reference_copy, "checkpoints")
+  # Step 16 damaged, and a save of step 20 cut short by a hard kill.
+  for root, _, names in os.walk(os.path.join(checkpoints, "16")):
+    for name in names:
+      write_file(os.path.join(root, name), b"garbage")
+  os.makedirs(os.path.join(checkpoints, "20.orbax-checkpoint-tmp-1795000000"))
 
-  # An interruption after the first epoch: the second epoch's checkpoint never got written.
-  interrupted = str(tmp_path / "interrupted")
-  shutil.copytree(full, interrupted)
-  shutil.rmtree(os.path.join(interrupted, "checkpoints", str(2 * steps_per_epoch)))
-  os.remove(os.path.join(interrupted, "results.json"))
-  resumed = train.train_and_evaluate(config, interrupted)
+  with caplog.at_level(logging.WARNING):
+    *_, state = train.load_trained(config, reference_copy)
+  assert int(state.step) == 12
+  assert f"Checkpoint step 16 in {checkpoints} cannot be restored" in caplog.text
+  assert "Ignoring unfinished checkpoint writes" in caplog.text
+  assert "20.orbax-checkpoint-tmp-1795000000" in caplog.text
 
-  step_full, state_full = latest_state(full)
-  step_resumed, state_resumed = latest_state(interrupted)
-  assert step_full == step_resumed == 2 * steps_per_epoch
-  chex.assert_trees_all_close(state_resumed, state_full, rtol=1e-6, atol=1e-6)
-  assert resumed["rows"] == results["rows"]
+  # Training resumes from step 12, sets step 16 aside and redoes it bit-identically.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    results = train.train_and_evaluate(config, reference_copy)
+  assert "Restored checkpoint step 12 instead of the damaged newer one(s)" in caplog.text
+  [set_aside] = os.listdir(os.path.join(reference_copy, "damaged_checkpoints"))
+  assert set_aside.startswith("16-")
+  step, state = latest_state(reference_copy)
+  reference_step, reference_state = latest_state(reference_workdir)
+  assert step == reference_step == 2 * NUM_TRAIN // BATCH
+  assert_trees_bit_identical(state, reference_state)
+  assert results["rows"] == reference_results["rows"]
 
   # qreg.evaluate's path: the sweep alone, from the last checkpoint, gives the same table.
-  again = train.evaluate_checkpoint(config, interrupted)
-  assert again["rows"] == results["rows"]
-
-
-def test_damaged_checkpoint_gives_a_clear_error(idx_dir, tmp_path):
-  config = tiny_config(idx_dir)
-  config.train.num_epochs = 1
-  config.reg.start_epoch = 1
-  workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir)
-  step_dir = os.path.join(workdir, "checkpoints", str(NUM_TRAIN // BATCH))
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      with open(os.path.join(root, name), "wb") as f:
-        f.write(b"garbage")
-  with pytest.raises(RuntimeError, match="Could not restore checkpoint"):
-    train.evaluate_checkpoint(config, workdir)
+  again = train.evaluate_checkpoint(config, reference_copy)
+  assert again["rows"] == reference_results["rows"]
 
 
 def test_evaluate_without_checkpoint_says_so(idx_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
     train.evaluate_checkpoint(tiny_config(idx_dir), str(tmp_path / "empty"))
-
-
-@pytest.mark.parametrize("field,value,message", [
-    ("reg.lambda_w", -0.1, "lambda_w"),
-    ("reg.lambda_a", float("nan"), "lambda_a"),
-    ("reg.impl", "newton", "Unknown reg.impl 'newton'; expected one of .*'hvp'"),
-    ("reg.fd_step", 0.0, "reg.fd_step=0.0 must be"),
-    ("data.batch_size", 6, "multiple of the number of devices"),
-    ("model.name", "alexnet", "Unknown model"),
-    ("optim.name", "lion", "Unknown optim.name"),
-    ("data.name", "svhn", "svhn"),
-])
-def test_bad_config_is_rejected_before_training(idx_dir, tmp_path, field, value, message):
-  config = tiny_config(idx_dir)
-  section, key = field.split(".")
-  config[section][key] = value
-  with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert not os.path.exists(tmp_path / "run" / "checkpoints")
-
-
-def test_bad_bit_setting_is_rejected(idx_dir, tmp_path):
-  config = tiny_config(idx_dir)
-  config.quant.bit_settings = [(4, 1)]
-  with pytest.raises(ValueError, match="act_bits=1"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
-
-
-def test_nan_loss_stops_training_without_checkpointing_it(idx_dir, tmp_path):
-  config = tiny_config(idx_dir)
-  config.optim.learning_rate = 1e30
-  workdir = tmp_path / "run"
-  with pytest.raises(FloatingPointError, match="Non-finite training metrics"):
-    train.train_and_evaluate(config, str(workdir))
-  assert not os.listdir(workdir / "checkpoints")

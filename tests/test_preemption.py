@@ -1,0 +1,97 @@
+"""Interrupted runs through the command line: SIGTERM, a hard kill, resuming bit-identically."""
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import orbax.checkpoint as ocp
+
+from tests.conftest import CHECKPOINT_EVERY, assert_trees_bit_identical, latest_state
+from tests.fakes import BATCH, NUM_TRAIN
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS_PER_EPOCH = NUM_TRAIN // BATCH
+TOTAL_STEPS = 2 * STEPS_PER_EPOCH
+
+
+def checkpoint_steps(workdir):
+  return ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
+
+
+class Training:
+  """`python -m qreg.main` on tests/fakes.py's tiny config, with its log read line by line."""
+
+  def __init__(self, idx_dir, workdir):
+    self.process = subprocess.Popen(
+        [sys.executable, "-m", "qreg.main", f"--config=tests/fakes.py:{idx_dir}",
+         f"--workdir={workdir}", "--config.train.log_every_steps=1",
+         f"--config.train.checkpoint_every_steps={CHECKPOINT_EVERY}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self._watchdog = threading.Timer(300, self.process.kill)
+    self._watchdog.daemon = True
+    self._watchdog.start()
+    self.lines = []
+
+  def wait_for_step(self, step):
+    """Reads the log until the metrics of `step` (logged after it ran, one line per step)."""
+    for line in self.process.stdout:
+      self.lines.append(line)
+      if re.search(rf"\] \[{step}\] train/", line):
+        return
+    raise AssertionError(f"Exited before step {step}:\n{self.log()}")
+
+  def finish(self):
+    """Waits for the exit; returns the exit status."""
+    self.lines.extend(self.process.stdout)
+    status = self.process.wait()
+    self._watchdog.cancel()
+    return status
+
+  def log(self):
+    return "".join(self.lines[-60:])
+
+
+def test_sigterm_and_hard_kill_then_resume_end_bit_identical(idx_dir, reference_run, tmp_path):
+  _, reference_workdir, reference_results = reference_run
+  workdir = str(tmp_path / "run")
+  rng = random.Random()
+
+  # SIGTERM at a random step of the first epoch: a checkpoint at the step reached, status 143.
+  sigterm_step = rng.randint(1, STEPS_PER_EPOCH - 2)
+  run = Training(idx_dir, workdir)
+  run.wait_for_step(sigterm_step)
+  run.process.send_signal(signal.SIGTERM)
+  assert run.finish() == 143, run.log()
+  stopped = re.search(r"Stopped by SIGTERM after step (\d+) of 16; saved checkpoint (\d+)", run.log())
+  assert stopped, run.log()
+  saved_step = int(stopped.group(1))
+  assert sigterm_step <= saved_step < TOTAL_STEPS
+  assert "Traceback" not in run.log()
+  assert max(checkpoint_steps(workdir)) == saved_step, (sigterm_step, run.log())
+
+  # Resumed, then SIGKILLed just after a step that follows a checkpoint (4k + 1), in the
+  # regularized epoch: the steps since that checkpoint are lost.
+  kill_step = rng.choice([s for s in range(saved_step + 1, TOTAL_STEPS)
+                          if s % CHECKPOINT_EVERY == 1 and s > STEPS_PER_EPOCH] or [TOTAL_STEPS - 3])
+  run = Training(idx_dir, workdir)
+  run.wait_for_step(kill_step)
+  run.process.kill()
+  assert run.finish() == -signal.SIGKILL
+  assert f"Resumed from {workdir}/checkpoints at step {saved_step}." in run.log()
+  last_checkpoint = max(checkpoint_steps(workdir))
+  assert last_checkpoint < kill_step, (sigterm_step, saved_step, kill_step, run.log())
+
+  # Rerun to the end: the same parameters, optimizer state and sweep as the uninterrupted run.
+  run = Training(idx_dir, workdir)
+  assert run.finish() == 0, run.log()
+  assert f"Resumed from {workdir}/checkpoints at step {last_checkpoint}." in run.log()
+  step, state = latest_state(workdir)
+  reference_step, reference_state = latest_state(reference_workdir)
+  assert step == reference_step == TOTAL_STEPS
+  assert_trees_bit_identical(state, reference_state)
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["rows"] == reference_results["rows"]
