@@ -8,20 +8,9 @@ Methods act in the last of 4 epochs (fine-tuning after 3 plain epochs).
 from configs import fashion_mnist
 from configs.tables import methods
 
-
-def get_config():
-  config = fashion_mnist.get_config()
-  config.quant.bit_settings = methods.TABLE_BIT_SETTINGS
-  return config
-
-
-def sweep():
-  config = get_config()
-  return methods.table_sweep(methods.methods(config.reg.lambda_w, config.reg.lambda_a,
-                                             l2_scale=L2_SCALE))
-
-
 # The l2 row's lambdas are l1's times this, so that both penalties start the regularized
 # epoch at the same value: at the default run's epoch-3 checkpoint (5 training batches) the
 # logged l1 norms were 170x (weights) and 157x (activations) the summed per-layer l2 norms.
 L2_SCALE = 160.0
+
+get_config, sweep = methods.paper_table(fashion_mnist.get_config, L2_SCALE)

@@ -14,10 +14,7 @@ from configs import fashion_mnist
 from configs.tables import methods
 
 
-def get_config():
-  config = fashion_mnist.get_config()
-  config.quant.bit_settings = methods.TABLE_BIT_SETTINGS
-  return config
+get_config, _ = methods.paper_table(fashion_mnist.get_config)
 
 
 def sweep():

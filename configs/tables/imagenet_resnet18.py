@@ -9,14 +9,4 @@ Needs the TFDS data of that config (see README, "CIFAR-10 and ImageNet"); add
 from configs import imagenet_resnet18
 from configs.tables import methods
 
-
-def get_config():
-  config = imagenet_resnet18.get_config()
-  config.quant.bit_settings = methods.TABLE_BIT_SETTINGS
-  return config
-
-
-def sweep():
-  config = get_config()
-  return methods.table_sweep(methods.methods(config.reg.lambda_w, config.reg.lambda_a,
-                                             l2_scale=methods.DEFAULT_L2_SCALE))
+get_config, sweep = methods.paper_table(imagenet_resnet18.get_config)

@@ -39,3 +39,19 @@ def table_sweep(method_overrides: dict, seeds=(0, 1, 2)) -> list[dict]:
            "overrides": {**overrides, "seed": seed},
            "warm_start": None if method == "no-reg" else f"no-reg/seed{seed}"}
           for seed in seeds for method, overrides in method_overrides.items()]
+
+
+def paper_table(base_get_config, l2_scale: float = DEFAULT_L2_SCALE):
+  """(get_config, sweep) of the paper's table on a base config: its model, data and lambdas,
+  the table's bit settings, every method at seeds 0-2."""
+
+  def get_config():
+    config = base_get_config()
+    config.quant.bit_settings = TABLE_BIT_SETTINGS
+    return config
+
+  def sweep():
+    config = get_config()
+    return table_sweep(methods(config.reg.lambda_w, config.reg.lambda_a, l2_scale))
+
+  return get_config, sweep
