@@ -96,10 +96,11 @@ def test_method_config_validation():
 
 
 @pytest.mark.parametrize("table", ["fashion_mnist", "cifar10_vgg", "cifar10_resnet18",
-                                   "imagenet_resnet18", "fashion_mnist_ablations"])
+                                   "imagenet_resnet18", "fashion_mnist_ablations",
+                                   "fashion_mnist_impls"])
 def test_table_configs_list_valid_runs(table):
   get_config, runs = run_sweep.load_sweep(os.path.join(REPO, "configs", "tables", f"{table}.py"))
-  if table != "fashion_mnist_ablations":
+  if table not in ("fashion_mnist_ablations", "fashion_mnist_impls"):
     assert {r["labels"]["method"] for r in runs} == {"no-reg", "l2", "l1", "ste-qat@4", "kure"}
   assert {r["labels"]["seed"] for r in runs} == {0, 1, 2}
   model = SmallCNN()
