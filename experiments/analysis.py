@@ -65,20 +65,17 @@ def first_order_check(workdir: str, bits_list: list[int], num_batches: int) -> l
   loss0, (grad_w, grad_a) = mean_loss_and_grads(float_model.apply, folded, {})
   rows = []
   for bits in bits_list:
-    qparams = setup.quantize_weights(folded, bits)
+    integers = setup.weight_integers(folded, bits)
+    qparams = quant.dequantize_params(integers)
     ranges = evaluate.activation_ranges(evaluator.calibration_samples(qparams), bits, setup)
     qmodel = model.clone(folded=True, act_bits=bits, act_scheme=setup.act_scheme)
     loss_q, _ = mean_loss_and_grads(qmodel.apply, qparams, {"activation_ranges": ranges})
-    weight_bound = 0.0
-    for path, g in jax.tree_util.tree_leaves_with_path(grad_w):
-      names = quant.path_names(path)
-      if quant.is_kernel(names, g):
-        kernel = folded
-        for key in names:
-          kernel = kernel[key]
-        delta = quant.quantize_to_integers(kernel, bits, setup.weight_scheme,
-                                           -1 if setup.per_channel else None).scale
-        weight_bound += float(jnp.sum(delta / 2 * jnp.abs(g)))
+    # Each quantized kernel's step delta (per tensor or per channel, rules applied).
+    is_quantized = lambda leaf: isinstance(leaf, quant.Quantized)
+    weight_bound = sum(float(jnp.sum(q.scale / 2 * jnp.abs(g)))
+                       for q, g in zip(jax.tree.leaves(integers, is_leaf=is_quantized),
+                                       jax.tree.leaves(grad_w))
+                       if is_quantized(q))
     act_bound = 0.0
     for point, g in grad_a.items():
       low, high = ranges[point]["min"], ranges[point]["max"]

@@ -49,6 +49,11 @@ class QuantSetup:
     return quant.quantize_params(folded_params, bits, scheme=self.weight_scheme,
                                  per_channel=self.per_channel, rules=self.weight_rules)
 
+  def weight_integers(self, folded_params: PyTree, bits: int) -> PyTree:
+    """The kernels as `quant.Quantized` (integer codes and steps), the other leaves unchanged."""
+    return quant.quantize_params_to_integers(folded_params, bits, scheme=self.weight_scheme,
+                                             per_channel=self.per_channel, rules=self.weight_rules)
+
   def describe(self) -> str:
     return (f"{self.weight_scheme} {'per-channel' if self.per_channel else 'per-tensor'} weights"
             f"{', rules ' + str([f'{r.pattern}={r.bits}' for r in self.weight_rules]) if self.weight_rules else ''}; "

@@ -47,9 +47,7 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 def export_arrays(folded_params: PyTree, bits: int | None, setup: evaluate.QuantSetup
                   ) -> dict[str, np.ndarray]:
   """The file's entries: packed codes, scales, zero points and float leaves, plus a JSON index."""
-  qtree = quant.quantize_params_to_integers(
-      folded_params, bits, scheme=setup.weight_scheme, per_channel=setup.per_channel,
-      rules=setup.weight_rules)
+  qtree = setup.weight_integers(folded_params, bits)
   arrays, index = {}, {}
   leaves = jax.tree_util.tree_leaves_with_path(
       qtree, is_leaf=lambda leaf: isinstance(leaf, quant.Quantized))

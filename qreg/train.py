@@ -48,13 +48,13 @@ def build_optimizer(optim_config: ml_collections.ConfigDict, total_steps: int,
   warmup_steps = int(optim_config.get("warmup_epochs", 0) * steps_per_epoch)
   lr = optim_config.learning_rate
   if optim_config.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(lr, max(total_steps - warmup_steps, 1))
+    after_warmup = optax.cosine_decay_schedule(lr, max(total_steps - warmup_steps, 1))
   elif optim_config.schedule == "constant":
-    decay = optax.constant_schedule(lr)
+    after_warmup = optax.constant_schedule(lr)
   else:
     raise ValueError(f"Unknown optim.schedule {optim_config.schedule!r}; expected one of {SCHEDULES}.")
-  schedule = decay if warmup_steps == 0 else optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps])
+  schedule = after_warmup if warmup_steps == 0 else optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup_steps), after_warmup], [warmup_steps])
 
   decay = optim_config.get("weight_decay", 0.0)
   if optim_config.name == "sgd":
