@@ -80,7 +80,7 @@ def measure_model(name: str, batch_size: int | None, impls: list[str], steps: in
   config = config_module.get_config()
   batch_size = batch_size or config.data.batch_size
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(batch_size, mesh, "--batch_size")
+  parallel.check_batch_size(batch_size, mesh.devices.size, "--batch_size")
   model = models.build_model(config.model, NUM_CLASSES)
   optimizer = train.build_optimizer(config.optim, total_steps=1000, steps_per_epoch=100)
   batch = synthetic_batch(batch_size, image_shape, NUM_CLASSES, mesh)

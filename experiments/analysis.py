@@ -9,7 +9,7 @@ the run's sweep config:
   measured = L(quantized) - L(float)
 where delta is each tensor's quantization step. To first order |measured| <=
 bound (Alizadeh et al. 2020, eq. 3-4). Writes first_order.png / .json and,
-from the TensorBoard logs, grad_l1.png (the penalty terms over training).
+from the metrics log, grad_l1.png (the penalty terms over training).
 """
 import json
 import os
@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 
-from qreg import evaluate, export, objectives, parallel, quant, train  # pylint: disable=g-import-not-at-top
+from qreg import checkpoint, data, models, objectives, parallel, ptq, quant  # pylint: disable=g-import-not-at-top
 from qreg.models import BN_EPSILON  # pylint: disable=g-import-not-at-top
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Trained workdirs to analyse.")
@@ -43,11 +43,14 @@ def _loss_and_gradients(apply_fn, params, perturbations, batch, variables_extra)
 
 def first_order_check(workdir: str, bits_list: list[int], num_batches: int) -> list[dict]:
   """Bound and measured loss change at each bit-width for one workdir's last checkpoint."""
-  config = export.load_run_config(workdir)
-  model, pipeline, mesh, state = train.load_trained(config, workdir)
-  setup = evaluate.build_quant_setup(config.quant)
-  evaluator = evaluate.SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size)
-  folded = quant.fold_batch_norm(state.params, state.batch_stats, BN_EPSILON)
+  config = checkpoint.read_run_config(workdir)
+  _, variables = checkpoint.restore_variables(workdir)
+  mesh = parallel.make_mesh()
+  pipeline = data.build_input_pipeline(config.data)
+  model = models.build_model(config.model, pipeline.info.num_classes)
+  setup = ptq.build_quant_setup(config.quant)
+  evaluator = ptq.SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size)
+  folded = quant.fold_batch_norm(variables["params"], variables["batch_stats"], BN_EPSILON)
   float_model = model.clone(folded=True)
   batches = [parallel.global_batch(b, mesh) for b in
              pipeline.eval_batches(config.eval.batch_size, num_batches=num_batches)]
@@ -67,7 +70,7 @@ def first_order_check(workdir: str, bits_list: list[int], num_batches: int) -> l
   for bits in bits_list:
     integers = setup.weight_integers(folded, bits)
     qparams = quant.dequantize_params(integers)
-    ranges = evaluate.activation_ranges(evaluator.calibration_samples(qparams), bits, setup)
+    ranges = evaluator.activation_ranges(qparams, bits)
     qmodel = model.clone(folded=True, act_bits=bits, act_scheme=setup.act_scheme)
     loss_q, _ = mean_loss_and_grads(qmodel.apply, qparams, {"activation_ranges": ranges})
     # Each quantized kernel's step delta (per tensor or per channel, rules applied).
@@ -91,15 +94,15 @@ def first_order_check(workdir: str, bits_list: list[int], num_batches: int) -> l
 
 
 def read_scalars(workdir: str, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
-  """Scalars from a workdir's TensorBoard event files (clu writes them as tensor summaries)."""
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
-  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
-  accumulator = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
-  accumulator.Reload()
-  available = set(accumulator.Tags().get("tensors", []))
-  return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
-                for e in accumulator.Tensors(tag)]
-          for tag in tags if tag in available}
+  """Scalars from a workdir's metrics.jsonl (qreg.metrics writes one JSON object per write)."""
+  scalars = {tag: [] for tag in tags}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      for tag in tags:
+        if tag in record:
+          scalars[tag].append((record["step"], record[tag]))
+  return {tag: points for tag, points in scalars.items() if points}
 
 
 def main(argv):

@@ -25,7 +25,7 @@ import time
 import ml_collections
 from absl import app, flags, logging
 
-from qreg import data, train
+from qreg import cli, data, train
 
 # Fields a warm-started run may change: they only act from reg.start_epoch on.
 _METHOD_FIELDS = ("reg", "qat", "quant", "eval")
@@ -120,7 +120,7 @@ def _command_line() -> None:
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    train.configure_logging()
+    cli.configure_logging()
     run_sweep(config.value, workdir.value, only.value)
 
   app.run(main)

@@ -266,7 +266,13 @@ class InputPipeline:
     self._std = tf.constant(spec.std, tf.float32)
 
   def steps_per_epoch(self, global_batch_size: int) -> int:
-    return self.info.num_train // global_batch_size
+    steps = self.info.num_train // global_batch_size
+    if steps == 0:
+      raise ValueError(
+        f"data.batch_size={global_batch_size} exceeds the {self.info.num_train} "
+        f"training examples of {self.info.name}."
+      )
+    return steps
 
   def train_batches(
     self,
@@ -282,11 +288,6 @@ class InputPipeline:
     """
     share = _process_share(global_batch_size, process_index, process_count)
     steps_per_epoch = self.steps_per_epoch(global_batch_size)
-    if steps_per_epoch == 0:
-      raise ValueError(
-        f"global_batch_size {global_batch_size} exceeds the {self.info.num_train} "
-        f"training examples of {self.info.name}"
-      )
     first_epoch, first_step_in_epoch = divmod(start_step, steps_per_epoch)
 
     def batches():
@@ -448,26 +449,40 @@ def pipeline_from_arrays(
   )
 
 
-def build_input_pipeline(data_config) -> InputPipeline:
-  """The pipeline that `data_config` (the config's `data` section) describes."""
+def check_config(data_config) -> None:
+  """Raises ValueError (FileNotFoundError for a missing directory) for a data section that
+  names no known dataset or source, before any data is read."""
   name, source = data_config.name, data_config.source
   if name not in _DATASETS:
     raise ValueError(f"Unknown dataset {name!r}; known datasets: {sorted(_DATASETS)}")
+  if source not in ("idx", "tfds"):
+    raise ValueError(f"Unknown data.source {source!r}; expected 'idx' or 'tfds'")
   if source == "idx":
     if name not in _IDX_DATASETS:
       raise ValueError(f"data.source='idx' only serves {list(_IDX_DATASETS)}, not {name!r}")
-    data_dir = data_config.data_dir
-    if data_dir is None:
-      if name != "fashion_mnist":
-        # MNIST and Fashion-MNIST share file names; never read one as the other.
-        raise ValueError(
-          f"Set data.data_dir to the {name} IDX files; {DEFAULT_IDX_DIR} holds Fashion-MNIST."
-        )
-      data_dir = DEFAULT_IDX_DIR
+    if data_config.data_dir is None and name != "fashion_mnist":
+      # MNIST and Fashion-MNIST share file names; never read one as the other.
+      raise ValueError(
+        f"Set data.data_dir to the {name} IDX files; {DEFAULT_IDX_DIR} holds Fashion-MNIST."
+      )
+    data_dir = data_config.data_dir or DEFAULT_IDX_DIR
+    if not os.path.isdir(data_dir):
+      raise FileNotFoundError(f"IDX data directory {data_dir} does not exist. {_IDX_MISSING_HINT}")
+
+
+def num_classes(name: str) -> int:
+  """Classes of dataset `name`, known without reading any data."""
+  return _DATASETS[name].num_classes
+
+
+def build_input_pipeline(data_config) -> InputPipeline:
+  """The pipeline that `data_config` (the config's `data` section) describes."""
+  check_config(data_config)
+  name = data_config.name
+  if data_config.source == "idx":
+    data_dir = data_config.data_dir or DEFAULT_IDX_DIR
     splits = {split: load_idx_split(data_dir, split) for split in _SPLITS}
     return pipeline_from_arrays(name, splits)
-  if source != "tfds":
-    raise ValueError(f"Unknown data.source {source!r}; expected 'idx' or 'tfds'")
 
   builder = _tfds_builder(name, data_config.data_dir, data_config.download)
   split_names = {"train": "train", "test": _DATASETS[name].tfds_eval_split}

@@ -4,7 +4,9 @@ Parameters are replicated, batches are split along their leading axis. Under
 jit the step is written for the global batch, so the loss, its gradient and
 the gradient-l1 penalty mean the same on 1 or 64 devices.
 """
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -27,10 +29,10 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
-  """Raises ValueError unless the global batch splits evenly over the mesh's devices."""
-  num_devices = mesh.devices.size
-  if global_batch_size <= 0 or global_batch_size % num_devices:
+def check_batch_size(global_batch_size: int, num_devices: int, what: str = "batch_size") -> None:
+  """Raises ValueError unless the global batch splits evenly over num_devices devices."""
+  if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) \
+      or global_batch_size <= 0 or global_batch_size % num_devices:
     raise ValueError(
         f"{what}={global_batch_size} must be a positive multiple of the number of devices "
         f"({num_devices}) so that every device gets an equal share of the global batch.")
@@ -40,3 +42,44 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   """Assembles each process's slice of the batch into global arrays sharded over `data`."""
   sharding = batch_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def prefetch_to_mesh(local_batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
+                     size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """global_batch of each local batch, `size` batches ahead, assembled in a background thread.
+
+  While the step on batch k runs, the host reads and transfers batch k+1, as
+  Flax's prefetch_to_device and big_vision's start_global do. The thread stops
+  when the consumer does (the generator is closed or garbage-collected).
+  """
+  ready = queue.Queue(maxsize=size)
+  stop = threading.Event()
+  end = object()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        ready.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def produce():
+    try:
+      for batch in local_batches:
+        if not put(global_batch(batch, mesh)):
+          return
+      put(end)
+    except BaseException as e:  # re-raised in the consumer, where it can be reported
+      put(e)
+
+  thread = threading.Thread(target=produce, daemon=True, name="qreg-prefetch")
+  thread.start()
+  try:
+    while (item := ready.get()) is not end:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()

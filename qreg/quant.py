@@ -148,18 +148,19 @@ def is_kernel(path: tuple[str, ...], leaf: jax.Array) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class WeightRule:
-  """Leaves whose '/'-joined path matches `pattern` (re.search) get `bits` (None = float)."""
+  """Kernels whose '/'-joined path (e.g. 'conv1/conv/kernel') matches `pattern` in full
+  (re.fullmatch, as qwix matches module paths) get `bits` (None = float)."""
   pattern: str
   bits: int | None
 
 
 def parse_weight_rules(rules: Sequence[str]) -> tuple[WeightRule, ...]:
-  """Parses config strings "REGEX=BITS" (BITS an integer or 'float'), e.g. "^conv1/=8", "^head/=float"."""
+  """Parses config strings "REGEX=BITS" (BITS an integer or 'float'), e.g. "conv1/.*=8", "head/.*=float"."""
   parsed = []
   for rule in rules:
     pattern, sep, bits_text = str(rule).rpartition("=")
     if not sep or not pattern:
-      raise ValueError(f"Weight rule {rule!r} must read 'REGEX=BITS', e.g. '^head/=8' or '^head/=float'.")
+      raise ValueError(f"Weight rule {rule!r} must read 'REGEX=BITS', e.g. 'head/.*=8' or 'head/.*=float'.")
     try:
       re.compile(pattern)
     except re.error as e:
@@ -180,9 +181,31 @@ def weight_bits_for(path: tuple[str, ...], default_bits: int | None,
   """Bits for the kernel at path: the first matching rule's, else default_bits."""
   joined = "/".join(path)
   for rule in rules:
-    if re.search(rule.pattern, joined):
+    if re.fullmatch(rule.pattern, joined):
       return rule.bits
   return default_bits
+
+
+def kernel_paths(params: PyTree) -> list[str]:
+  """The '/'-joined paths of every kernel in params, the strings weight rules match."""
+  return ["/".join(path_names(path)) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+          if is_kernel(path_names(path), leaf)]
+
+
+def check_rules_match(params: PyTree, rules: Sequence[WeightRule]) -> None:
+  """Raises ValueError naming every rule that matches no kernel (a typo would otherwise
+  silently quantize that layer at the sweep's bits; qwix's get_unused_rules)."""
+  paths = kernel_paths(params)
+  unused = [f"{rule.pattern}={setting_name(rule.bits)}" for rule in rules
+            if not any(re.fullmatch(rule.pattern, path) for path in paths)]
+  if unused:
+    raise ValueError(f"quant.weight_rules {unused} match no kernel (rules match the whole path); "
+                     f"the kernels are {paths}.")
+
+
+def setting_name(bits: int | None) -> str:
+  """A bit-width as written in configs, tables and rules: 'float' for None."""
+  return "float" if bits is None else str(bits)
 
 
 def quantize_params_to_integers(params: PyTree, bits: int | None, *, scheme: str = "symmetric",
@@ -255,10 +278,15 @@ def minmax_range(samples: np.ndarray) -> tuple[float, float]:
   return float(np.min(samples)), float(np.max(samples))
 
 
+def check_percentile(percentile: float, what: str = "percentile") -> None:
+  if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) \
+      or not 50.0 < percentile <= 100.0:
+    raise ValueError(f"{what}={percentile!r} must be in (50, 100].")
+
+
 def percentile_range(samples: np.ndarray, percentile: float) -> tuple[float, float]:
   """Clips the (100 - percentile)% most extreme values on each side."""
-  if not 50.0 < percentile <= 100.0:
-    raise ValueError(f"percentile={percentile!r} must be in (50, 100].")
+  check_percentile(percentile)
   return (float(np.percentile(samples, 100.0 - percentile)),
           float(np.percentile(samples, percentile)))
 

@@ -6,20 +6,20 @@ writes comparison.md and comparison.png: one column / one colour per workdir.
 """
 import json
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import matplotlib
+from absl import app, flags
 
 matplotlib.use("Agg")  # files only; no display
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+from qreg.quant import setting_name
+
 Results = dict[str, Any]
-
-
-def setting_name(bits: int | None) -> str:
-  return "float" if bits is None else str(bits)
 
 
 def _float_accuracy(rows) -> float | None:
@@ -104,6 +104,25 @@ def print_once(*args) -> None:
     print(*args, flush=True)
 
 
+def collect_sweep(events: Iterable[tuple[str, dict[str, Any]]], quantization: str) -> Results:
+  """Results of a quantization sweep (qreg.ptq.sweep's (kind, row) pairs), each row printed
+  on process 0 as it arrives."""
+  results = {"rows": [], "quantization": quantization}
+  print_once(f"Post-training quantization sweep ({quantization}):")
+  start = time.time()
+  for kind, row in events:
+    seconds, start = time.time() - start, time.time()
+    if kind == "sensitivity" and kind not in results:
+      print_once(f"Per-layer sensitivity at {row['weight_bits']} bits:")
+    results.setdefault(kind, []).append(row)
+    if kind == "rows":
+      print_once(f"  W{setting_name(row['weight_bits']):>5} A{setting_name(row['act_bits']):>5}  "
+                 f"accuracy {row['accuracy']:.4f}  ({seconds:.1f}s)")
+    else:
+      print_once(f"  {row['layer']:<40} W{row['weight_bits']}  accuracy {row['accuracy']:.4f}")
+  return results
+
+
 def write_results(results: Results, workdir: str) -> None:
   """Process 0 prints the table and writes results.json, results.md and results.png to workdir."""
   if jax.process_index() != 0:
@@ -141,8 +160,6 @@ def compare(workdirs: Sequence[str], labels: Sequence[str], out_dir: str) -> str
 
 
 def _command_line() -> None:
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-
   workdirs = flags.DEFINE_list("workdirs", None, "Workdirs holding results.json.")
   labels = flags.DEFINE_list("labels", None, "One label per workdir (default: directory names).")
   out = flags.DEFINE_string("out", None, "Directory for comparison.md and comparison.png.")

@@ -1,11 +1,14 @@
-"""The training loop: jitted data-parallel step, checkpoints, metrics, then the PTQ sweep."""
+"""The training loop: TrainState, the jitted data-parallel step, the epoch loop.
+
+train_and_evaluate trains a config in a workdir (resuming from its last
+checkpoint), then runs the post-training quantization sweep (qreg.ptq) and
+writes the results (qreg.report).
+"""
 import contextlib
 import functools
 import json
-import logging as std_logging
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -20,18 +23,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, periodic_actions
-from jax.experimental import multihost_utils
 
-from qreg import data, evaluate, models, objectives, parallel, quant, report
+from qreg import checkpoint, data, metrics, models, objectives, parallel, ptq, quant, report
+from qreg import config as config_lib
 
 PyTree = Any
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "constant")
-# Config fields that a checkpoint's array shapes depend on (data.name: input channels and
-# classes); a workdir's checkpoints only resume under the same values.
-CHECKPOINT_SHAPE_FIELDS = ("data.name", "model.name", "model.stem", "optim.name")
 
 
 @flax.struct.dataclass
@@ -44,15 +40,14 @@ class TrainState:
 
 def build_optimizer(optim_config: ml_collections.ConfigDict, total_steps: int,
                     steps_per_epoch: int) -> optax.GradientTransformation:
-  """Optimizer and learning-rate schedule from config.optim; weight decay on kernels only."""
+  """Optimizer and learning-rate schedule from a validated config.optim; weight decay on kernels
+  only."""
   warmup_steps = int(optim_config.get("warmup_epochs", 0) * steps_per_epoch)
   lr = optim_config.learning_rate
   if optim_config.schedule == "cosine":
     after_warmup = optax.cosine_decay_schedule(lr, max(total_steps - warmup_steps, 1))
-  elif optim_config.schedule == "constant":
-    after_warmup = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"Unknown optim.schedule {optim_config.schedule!r}; expected one of {SCHEDULES}.")
+    after_warmup = optax.constant_schedule(lr)
   schedule = after_warmup if warmup_steps == 0 else optax.join_schedules(
       [optax.linear_schedule(0.0, lr, warmup_steps), after_warmup], [warmup_steps])
 
@@ -63,9 +58,7 @@ def build_optimizer(optim_config: ml_collections.ConfigDict, total_steps: int,
   if optim_config.name == "adam":
     return optax.chain(optax.add_decayed_weights(decay, objectives.kernel_mask),
                        optax.adam(schedule))
-  if optim_config.name == "adamw":
-    return optax.adamw(schedule, weight_decay=decay, mask=objectives.kernel_mask)
-  raise ValueError(f"Unknown optim.name {optim_config.name!r}; expected one of {OPTIMIZERS}.")
+  return optax.adamw(schedule, weight_decay=decay, mask=objectives.kernel_mask)
 
 
 def create_train_state(rng: jax.Array, model, optimizer: optax.GradientTransformation,
@@ -107,7 +100,7 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
 
 
 def quantization_aware_apply_fn(model, weight_bits: int | None, act_bits: int | None,
-                                setup: "evaluate.QuantSetup") -> Callable:
+                                setup: ptq.QuantSetup) -> Callable:
   """model.apply with straight-through fake quantization, for QAT (the STE baseline).
 
   Kernels are fake-quantized with the sweep's weight scheme (on the unfolded
@@ -136,27 +129,12 @@ def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, state: TrainSt
                  donate_argnums=0)
 
 
-def _check_non_negative(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-      or value < 0:
-    raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
-
-
 def build_penalty(reg_config: ml_collections.ConfigDict) -> objectives.Penalty | None:
-  """The penalty from config.reg, or None when both weights are zero (the plain step)."""
-  for name in ("lambda_w", "lambda_a"):
-    _check_non_negative(f"reg.{name}", reg_config[name])
-  if reg_config.impl not in objectives.IMPLS:
-    raise ValueError(f"Unknown reg.impl {reg_config.impl!r}; expected one of {objectives.IMPLS}.")
-  if reg_config.norm not in objectives.NORMS:
-    raise ValueError(f"Unknown reg.norm {reg_config.norm!r}; expected one of {objectives.NORMS}.")
-  fd_step = reg_config.fd_step
-  if not isinstance(fd_step, (int, float)) or not math.isfinite(fd_step) or fd_step <= 0:
-    raise ValueError(f"reg.fd_step={fd_step!r} must be a finite number > 0.")
+  """The penalty of a validated config.reg, or None when both weights are zero (the plain step)."""
   if reg_config.lambda_w == 0 and reg_config.lambda_a == 0:
     return None
   return objectives.Penalty(float(reg_config.lambda_w), float(reg_config.lambda_a),
-                            reg_config.impl, float(fd_step), reg_config.norm)
+                            reg_config.impl, float(reg_config.fd_step), reg_config.norm)
 
 
 def build_method_step(config: ml_collections.ConfigDict, model,
@@ -166,188 +144,75 @@ def build_method_step(config: ml_collections.ConfigDict, model,
   None when the config asks for none of them (plain training throughout).
   """
   penalty = build_penalty(config.reg)
-  _check_non_negative("reg.lambda_kurtosis", config.reg.lambda_kurtosis)
   weight_bits, act_bits = config.qat.weight_bits, config.qat.act_bits
-  quant.check_bits(weight_bits, "qat.weight_bits")
-  quant.check_bits(act_bits, "qat.act_bits")
   if penalty is None and not config.reg.lambda_kurtosis and weight_bits is None and act_bits is None:
     return None
   apply_fn = model.apply
   if weight_bits is not None or act_bits is not None:
     apply_fn = quantization_aware_apply_fn(model, weight_bits, act_bits,
-                                           evaluate.build_quant_setup(config.quant))
+                                           ptq.build_quant_setup(config.quant))
   return make_train_step(apply_fn, optimizer, penalty, float(config.reg.lambda_kurtosis))
 
 
-def _checkpoint_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
-
-
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState) -> TrainState | None:
-  """The newest checkpoint that restores onto abstract_state's structure and shardings.
-
-  A damaged or partly written checkpoint (a full disk, a copy cut short) is
-  skipped with a warning in favour of the one before it. Returns None when
-  there is no checkpoint; raises RuntimeError when there are some but none restores.
-  """
-  unfinished = [name for name in os.listdir(manager.directory) if ocp.utils.TMP_DIR_SUFFIX in name]
-  if unfinished:
-    logging.warning("Ignoring unfinished checkpoint writes in %s (the process died while saving): %s",
-                    manager.directory, ", ".join(sorted(unfinished)))
-  failures = []
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except Exception as e:  # orbax raises several types for a mismatched or damaged checkpoint
-      reason = f"{type(e).__name__}: {str(e)[:500]}"
-      failures.append(f"step {step}: {reason}")
-      logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying the previous one.",
-                      step, manager.directory, reason)
-      continue
-    if failures:
-      logging.warning("Restored checkpoint step %d instead of the damaged newer one(s).", step)
-    return state
-  if failures:
-    raise RuntimeError(
-        f"No checkpoint in {manager.directory} can be restored:\n  " + "\n  ".join(failures) +
-        "\nThey were written by a different model/optimizer config or are damaged; use a fresh "
-        "--workdir, or move the checkpoints directory away to start over.")
-  return None
-
-
-def _set_aside_newer_checkpoints(manager: ocp.CheckpointManager, step: int, workdir: str) -> None:
-  """Moves the checkpoints newer than `step` (they failed to restore) to workdir/damaged_checkpoints.
-
-  Left in place they would shadow the checkpoints this run writes at the same steps.
-  """
-  newer = [s for s in manager.all_steps() if s > step]
-  if not newer:
-    return
-  if jax.process_index() == 0:
-    target_dir = os.path.join(workdir, "damaged_checkpoints")
-    os.makedirs(target_dir, exist_ok=True)
-    for damaged in newer:
-      target = os.path.join(target_dir, f"{damaged}-{time.strftime('%Y%m%d-%H%M%S')}")
-      shutil.move(os.fspath(manager.directory / str(damaged)), target)
-      logging.warning("Moved the unrestorable checkpoint step %d to %s; training goes on from "
-                      "step %d.", damaged, target, step)
-  multihost_utils.sync_global_devices("qreg: damaged checkpoints set aside")
-  manager.reload()
-
-
-def _config_value(config: ml_collections.ConfigDict | dict, field: str):
-  section, key = field.split(".")
-  return config.get(section, {}).get(key)
-
-
-def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises ValueError when workdir's checkpoints come from a config with other array shapes.
-
-  Compares the fields in CHECKPOINT_SHAPE_FIELDS with workdir/config.json (written
-  with the checkpoints), so the message names what differs.
-  """
-  path = os.path.join(workdir, "config.json")
-  try:
-    with open(path) as f:
-      stored = json.load(f)
-  except FileNotFoundError:
-    return
-  except (OSError, ValueError) as e:
-    logging.warning("Cannot read %s (%s); not checking that its checkpoints match this config.",
-                    path, e)
-    return
-  differences = [f"{field}={_config_value(config, field)!r} here but "
-                 f"{_config_value(stored, field)!r} there"
-                 for field in CHECKPOINT_SHAPE_FIELDS
-                 if _config_value(stored, field) is not None
-                 and _config_value(stored, field) != _config_value(config, field)]
-  if differences:
-    raise ValueError(
-        f"{workdir} holds checkpoints of a different run ({'; '.join(differences)}; see {path}). "
-        "They cannot be resumed with this config: pass another --workdir, or the run's own "
-        "values to resume it.")
-
-
-def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Raises ValueError, naming the field, for values the build_* functions do not check.
-
-  Runs before anything is written, so that a mistyped value costs no work.
-  """
-  for field, minimum in (("train.num_epochs", 1), ("train.log_every_steps", 1),
-                         ("train.checkpoint_every_steps", 0), ("train.checkpoints_to_keep", 2),
-                         ("reg.start_epoch", 0)):
-    value = _config_value(config, field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-      raise ValueError(f"{field}={value!r} must be an integer >= {minimum}.")
-  lr = config.optim.learning_rate
-  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-    raise ValueError(f"optim.learning_rate={lr!r} must be a finite number > 0.")
-  parallel.check_batch_size(config.data.batch_size, mesh, "data.batch_size")
-  parallel.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-  evaluate.parse_bit_settings(config.quant.bit_settings)
-  evaluate.build_quant_setup(config.quant)
-  quant.check_bits(config.quant.sensitivity_bits, "quant.sensitivity_bits")
-  if (config.reg.start_epoch >= config.train.num_epochs
-      and (config.reg.lambda_w != 0 or config.reg.lambda_a != 0)):
-    logging.warning("reg.start_epoch=%d >= train.num_epochs=%d: the regularizer never runs.",
-                    config.reg.start_epoch, config.train.num_epochs)
-
-
 class Preempted(Exception):
-  """Training stopped on SIGTERM after checkpointing; rerunning the same command resumes it."""
+  """Training stopped on SIGTERM or SIGINT after checkpointing; rerunning the same command
+  resumes it. `signum` is the signal received."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
 
 
 @contextlib.contextmanager
-def _sigterm_sets_flag():
-  """While active, SIGTERM sets the yielded Event instead of killing the process.
+def _stop_signals_set_flag():
+  """While active, SIGTERM and SIGINT (Ctrl-C) record their number in the yielded list instead
+  of ending the process, so that the loop checkpoints the step in flight first.
 
-  Not under jax.distributed, whose preemption service owns SIGTERM and picks a
-  step that all processes reach (CheckpointManager.reached_preemption).
+  Under jax.distributed, JAX's preemption service owns SIGTERM and picks a step that all
+  processes reach (CheckpointManager.reached_preemption); only SIGINT is caught here.
   """
-  received = threading.Event()
-  if jax.distributed.is_initialized() or threading.current_thread() is not threading.main_thread():
+  received = []
+  if threading.current_thread() is not threading.main_thread():
     yield received
     return
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
+  signals = [signal.SIGINT] if jax.distributed.is_initialized() else [signal.SIGTERM, signal.SIGINT]
+  previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+              for signum in signals}
   try:
     yield received
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
-def _check_finite(metrics: dict[str, float], step: int) -> None:
-  bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+def _check_finite(summary: dict[str, float], step: int) -> None:
+  bad = {k: v for k, v in summary.items() if not math.isfinite(v)}
   if bad:
     raise FloatingPointError(
         f"Non-finite training metrics at step {step}: {bad}. Training stopped before "
         "checkpointing it; lower optim.learning_rate or reg.lambda_w / reg.lambda_a.")
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Drops INFO chatter of checkpointing and backend discovery; warnings still pass."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    noisy = "orbax" in record.pathname or record.pathname.endswith("xla_bridge.py")
-    return record.levelno >= std_logging.WARNING or not noisy
+def _window_means(window: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Means of a log window's step metrics, fetched from the devices in one transfer."""
+  window = jax.device_get(window)
+  return {k: float(np.mean([m[k] for m in window if k in m])) for k in window[-1]}
 
 
-def configure_logging() -> None:
-  """INFO logs for qreg's progress and metrics, without the per-checkpoint library logs.
+def sweep_and_write(config: ml_collections.ConfigDict, model, variables: PyTree, pipeline, mesh,
+                    workdir: str, step: int) -> dict[str, Any]:
+  """The quantization sweep of a trained model, printed as it runs and written to workdir."""
+  results = report.collect_sweep(
+      ptq.sweep(config, model, variables["params"], variables["batch_stats"], pipeline, mesh),
+      ptq.build_quant_setup(config.quant).describe())
+  results.update(config=json.loads(config.to_json_best_effort()), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), step=step)
+  report.write_results(results, workdir)
+  return results
 
-  Processes other than 0 log warnings and errors only.
-  """
-  logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
 
-
-def _write_train_metrics(writer: metric_writers.MetricWriter, window: list[dict[str, jax.Array]],
-                         step: int) -> None:
-  """Writes the means of the window's step metrics; raises on a non-finite one."""
-  summary = {k: float(np.mean([m[k] for m in window if k in m])) for k in window[-1]}
-  _check_finite(summary, step)
-  writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+# The cost of a regularized step in plain steps, for the ETA until one has been timed
+# (README, "Cost of the regularizer": 1.6x-2.9x with hvp).
+REGULARIZED_STEP_COST_GUESS = 2.0
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -357,128 +222,116 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   The whole config is checked before anything is written to workdir. Checkpoints
   are saved at each epoch end, every train.checkpoint_every_steps steps and on
-  SIGTERM, after which Preempted is raised. mesh defaults to all devices of all
-  processes, pipeline to the one config.data describes. Returns the results dict
-  also written to workdir/results.json.
+  SIGTERM/SIGINT, after which Preempted is raised. mesh defaults to all devices of
+  all processes, pipeline to the one config.data describes. Returns the results
+  dict also written to workdir/results.json.
   """
   workdir = os.path.abspath(workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  check_config(config, mesh)
+  config_lib.validate(config, mesh.devices.size)
   pipeline = data.build_input_pipeline(config.data) if pipeline is None else pipeline
   model = models.build_model(config.model, pipeline.info.num_classes)
 
   steps_per_epoch = pipeline.steps_per_epoch(config.data.batch_size)
-  if steps_per_epoch == 0:
-    raise ValueError(f"data.batch_size={config.data.batch_size} exceeds the "
-                     f"{pipeline.info.num_train} training examples of {config.data.name}.")
   total_steps = config.train.num_epochs * steps_per_epoch
   reg_start_step = config.reg.start_epoch * steps_per_epoch
   optimizer = build_optimizer(config.optim, total_steps, steps_per_epoch)
   method_step = build_method_step(config, model, optimizer)
+  abstract_params = jax.eval_shape(functools.partial(
+      create_train_state, model=model, optimizer=optimizer, image_shape=pipeline.info.image_shape),
+      jax.random.key(config.seed)).params
+  quant.check_rules_match(abstract_params, ptq.build_quant_setup(config.quant).weight_rules)
 
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory.")
+  manager_dir = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(manager_dir) and os.listdir(manager_dir):
+    checkpoint.check_workdir_matches(config, workdir)
   os.makedirs(workdir, exist_ok=True)
-  manager = _checkpoint_manager(workdir, config.train.checkpoints_to_keep)
-  if manager.all_steps():
-    check_workdir_matches(config, workdir)
+  with checkpoint.workdir_lock(workdir):
+    state = _train(config, workdir, mesh, pipeline, model, optimizer, method_step,
+                   steps_per_epoch, total_steps, reg_start_step)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return sweep_and_write(config, model, variables, pipeline, mesh, workdir, int(state.step))
+
+
+def _train(config, workdir, mesh, pipeline, model, optimizer, method_step, steps_per_epoch,
+           total_steps, reg_start_step) -> TrainState:
+  """The epoch loop of train_and_evaluate, from the workdir's last checkpoint."""
+  manager = checkpoint.checkpoint_manager(workdir, config.train.checkpoints_to_keep)
   state = jax.jit(functools.partial(create_train_state, model=model, optimizer=optimizer,
                                     image_shape=pipeline.info.image_shape),
                   out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
-  restored = restore_latest(manager, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  restored = checkpoint.restore_latest(manager, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
   if restored is not None:
     state = restored
-    _set_aside_newer_checkpoints(manager, int(state.step), workdir)
+    checkpoint.set_aside_newer_checkpoints(manager, int(state.step), workdir)
     logging.info("Resumed from %s at step %d.", manager.directory, int(state.step))
   start_step = int(state.step)
 
   plain_step = jit_train_step(make_train_step(model.apply, optimizer, None), mesh, state)
   reg_step = plain_step if method_step is None else jit_train_step(method_step, mesh, state)
+  first_reg_step = reg_start_step if method_step is not None else total_steps
 
   # Metrics are written by process 0 only; the others train silently.
-  writer = (metric_writers.create_default_writer(workdir) if jax.process_index() == 0
-            else metric_writers.MultiWriter([]))
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_secs=30)
+  writer = metrics.MetricWriter(workdir) if jax.process_index() == 0 else metrics.NullWriter()
+  progress = metrics.Progress(
+      {"plain": max(0, min(first_reg_step, total_steps) - start_step),
+       "regularized": total_steps - max(first_reg_step, start_step)},
+      {"regularized": REGULARIZED_STEP_COST_GUESS})
   log_every = config.train.log_every_steps
   checkpoint_every = config.train.checkpoint_every_steps
-  batches = pipeline.train_batches(config.data.batch_size, config.seed, start_step)
+  batches = parallel.prefetch_to_mesh(
+      pipeline.train_batches(config.data.batch_size, config.seed, start_step), mesh)
   window = []
   config_written = False
+  compiled = set()
   logging.info("Training %s on %s: %d steps (%d/epoch), regularized from step %d, %d devices "
                "in %d process(es).", config.model.name, config.data.name, total_steps,
-               steps_per_epoch, reg_start_step if method_step is not None else total_steps,
-               mesh.devices.size, jax.process_count())
-  with _sigterm_sets_flag() as sigterm_received:
-    for step in range(start_step, total_steps):
-      batch = parallel.global_batch(next(batches), mesh)
-      train_step = reg_step if step >= reg_start_step else plain_step
-      state, metrics = train_step(state, batch)
-      window.append(metrics)
-      done = step + 1
-      progress(done)
-      last_in_epoch = done % steps_per_epoch == 0
-      preempted = sigterm_received.is_set() or manager.reached_preemption(done)
-      checkpoint = (last_in_epoch or preempted
-                    or (checkpoint_every > 0 and done % checkpoint_every == 0))
-      # Metrics are checked before every checkpoint, so that a NaN state is never saved.
-      if done % log_every == 0 or checkpoint:
-        _write_train_metrics(writer, window, done)
-        window = []
-      if last_in_epoch:
-        test_accuracy = evaluate.accuracy(
-            model.apply, {"params": state.params, "batch_stats": state.batch_stats},
-            pipeline.eval_batches(config.eval.batch_size), mesh)
-        writer.write_scalars(done, {"test/accuracy": test_accuracy,
-                                    "epoch": done / steps_per_epoch})
-      if checkpoint:
-        # config.json describes the checkpoints next to it: (re)written with this run's first.
-        if not config_written and jax.process_index() == 0:
-          with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        config_written = True
-        manager.save(done, args=ocp.args.StandardSave(state))
-      if preempted:
-        manager.wait_until_finished()
-        writer.flush()
-        raise Preempted(f"Stopped by SIGTERM after step {done} of {total_steps}; saved checkpoint "
-                        f"{done} in {manager.directory}. Rerun the same command to resume.")
-  manager.wait_until_finished()
-  writer.flush()
-
-  results = evaluate.run_sweep(config, model, state.params, state.batch_stats, pipeline, mesh)
-  results["step"] = int(state.step)
-  report.write_results(results, workdir)
-  return results
-
-
-def load_trained(config: ml_collections.ConfigDict, workdir: str):
-  """The model, input pipeline, mesh and last TrainState of a workdir's run."""
-  mesh = parallel.make_mesh()
-  pipeline = data.build_input_pipeline(config.data)
-  model = models.build_model(config.model, pipeline.info.num_classes)
-  steps_per_epoch = pipeline.steps_per_epoch(config.data.batch_size)
-  optimizer = build_optimizer(config.optim, config.train.num_epochs * steps_per_epoch,
-                              steps_per_epoch)
-  abstract_state = jax.eval_shape(functools.partial(
-      create_train_state, model=model, optimizer=optimizer, image_shape=pipeline.info.image_shape),
-      jax.random.key(config.seed))
-  sharding = parallel.replicated(mesh)
-  abstract_state = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract_state)
-  manager = _checkpoint_manager(os.path.abspath(workdir))
-  if manager.all_steps():
-    check_workdir_matches(config, os.path.abspath(workdir))
-  state = restore_latest(manager, abstract_state)
-  if state is None:
-    raise FileNotFoundError(f"No checkpoint in {manager.directory}; train first with qreg.main.")
-  return model, pipeline, mesh, state
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Reruns only the PTQ sweep on the workdir's last checkpoint; writes results like training."""
-  model, pipeline, mesh, state = load_trained(config, workdir)
-  results = evaluate.run_sweep(config, model, state.params, state.batch_stats, pipeline, mesh)
-  results["step"] = int(state.step)
-  report.write_results(results, os.path.abspath(workdir))
-  return results
+               steps_per_epoch, first_reg_step, mesh.devices.size, jax.process_count())
+  try:
+    with _stop_signals_set_flag() as signals_received:
+      for step in range(start_step, total_steps):
+        kind = "regularized" if step >= first_reg_step else "plain"
+        state, step_metrics = (reg_step if kind == "regularized" else plain_step)(
+            state, next(batches))
+        window.append(step_metrics)
+        done = step + 1
+        line = progress.step_done(kind, done, compiled_now=kind not in compiled)
+        compiled.add(kind)
+        if line:
+          logging.info("%s", line)
+        last_in_epoch = done % steps_per_epoch == 0
+        preempted = bool(signals_received) or manager.reached_preemption(done)
+        save = (last_in_epoch or preempted
+                or (checkpoint_every > 0 and done % checkpoint_every == 0))
+        # Metrics are checked before every checkpoint, so that a NaN state is never saved.
+        if done % log_every == 0 or save:
+          summary = _window_means(window)
+          _check_finite(summary, done)
+          writer.write_scalars(done, {f"train/{k}": v for k, v in summary.items()})
+          window = []
+        if last_in_epoch:
+          test_accuracy = ptq.accuracy(
+              model.apply, {"params": state.params, "batch_stats": state.batch_stats},
+              pipeline.eval_batches(config.eval.batch_size), mesh)
+          writer.write_scalars(done, {"test/accuracy": test_accuracy,
+                                      "epoch": done / steps_per_epoch})
+        if save:
+          # config.json describes the checkpoints next to it: (re)written with this run's first.
+          if not config_written:
+            checkpoint.write_run_config(config, workdir)
+            config_written = True
+          manager.save(done, args=ocp.args.StandardSave(state))
+        if preempted:
+          signum = signals_received[0] if signals_received else signal.SIGTERM
+          manager.wait_until_finished()
+          raise Preempted(
+              f"Stopped by {signal.Signals(signum).name} after step {done} of {total_steps}; "
+              f"saved checkpoint {done} in {manager.directory}. Rerun the same command to "
+              "resume.", signum)
+    manager.wait_until_finished()
+  finally:
+    batches.close()
+    writer.close()
+  return state

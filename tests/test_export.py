@@ -7,28 +7,37 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qreg import evaluate, export, quant, report, train
+import zipfile
+
+from numpy.lib.stride_tricks import sliding_window_view
+
+from qreg import evaluate, export, integer_file, ptq, quant, report, train
 from qreg.models import BN_EPSILON, SmallCNN
-from tests.fakes import tiny_config, write_idx_dir
+from tests.fakes import FASHION_MNIST_MEAN_STD, fake_split, tiny_config, write_idx_dir
 
 
 @pytest.mark.parametrize("bits", range(2, 17))
 def test_pack_unpack_round_trip(bits):
   values = np.random.default_rng(bits).integers(0, 2**bits, size=1001)
-  packed = export.pack_bits(values, bits)
+  packed = integer_file.pack_bits(values, bits)
   assert packed.dtype == np.uint8 and packed.size == -(-values.size * bits // 8)
-  np.testing.assert_array_equal(export.unpack_bits(packed, bits, values.size), values)
+  np.testing.assert_array_equal(integer_file.unpack_bits(packed, bits, values.size), values)
 
 
 def test_four_bit_packing_is_two_values_per_byte_low_nibble_first():
   values = np.array([1, 2, 15, 0, 7])
   expected = [1 | 2 << 4, 15 | 0 << 4, 7]
-  np.testing.assert_array_equal(export.pack_bits(values, 4), expected)
+  np.testing.assert_array_equal(integer_file.pack_bits(values, 4), expected)
 
 
 def test_pack_rejects_values_that_do_not_fit():
   with pytest.raises(ValueError, match="does not fit in 3 bits"):
-    export.pack_bits(np.array([8]), 3)
+    integer_file.pack_bits(np.array([8]), 3)
+
+
+def _export_arrays(folded, bits, setup):
+  return integer_file.export_arrays(setup.weight_integers(folded, bits),
+                                    quantization=setup.describe(), weight_bits=bits)
 
 
 def _folded_params():
@@ -39,17 +48,18 @@ def _folded_params():
 
 
 @pytest.mark.parametrize("setup", [
-    evaluate.QuantSetup(),
-    evaluate.QuantSetup(per_channel=True),
-    evaluate.QuantSetup(weight_scheme="asymmetric", per_channel=True),
-    evaluate.QuantSetup(weight_rules=quant.parse_weight_rules(["^conv1/=8", "^head/=float"])),
+    ptq.QuantSetup(),
+    ptq.QuantSetup(per_channel=True),
+    ptq.QuantSetup(weight_scheme="asymmetric", per_channel=True),
+    ptq.QuantSetup(weight_rules=quant.parse_weight_rules(["conv1/.*=8", "head/.*=float"])),
 ])
 @pytest.mark.parametrize("bits", [3, 4, 6, 8])
 def test_export_round_trip_is_bit_identical_to_fake_quantization(tmp_path, setup, bits):
   folded = _folded_params()
   path = str(tmp_path / "model.npz")
-  export.save(path, export.export_arrays(folded, bits, setup))
-  loaded, header = export.load(path)
+  integer_file.save(path, _export_arrays(folded, bits, setup))
+  loaded, ranges, header = integer_file.load(path)
+  assert ranges is None
   assert header["weight_bits"] == bits
   expected = setup.quantize_weights(folded, bits)
   assert jax.tree.structure(loaded) == jax.tree.structure(expected)
@@ -61,7 +71,7 @@ def test_export_round_trip_is_bit_identical_to_fake_quantization(tmp_path, setup
 def test_export_size_is_close_to_bits_over_32(tmp_path, bits):
   folded = _folded_params()
   path = str(tmp_path / "model.npz")
-  export.save(path, export.export_arrays(folded, bits, evaluate.QuantSetup()))
+  integer_file.save(path, _export_arrays(folded, bits, ptq.QuantSetup()))
   float_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(folded))
   kernel_bytes = sum(np.asarray(leaf).nbytes for path_, leaf in jax.tree_util.tree_leaves_with_path(folded)
                      if quant.is_kernel(quant.path_names(path_), leaf))
@@ -74,26 +84,91 @@ def test_load_rejects_a_file_that_is_not_an_export(tmp_path):
   path = tmp_path / "junk.npz"
   path.write_bytes(b"not a zip file")
   with pytest.raises(ValueError, match="not a readable qreg export"):
-    export.load(str(path))
+    integer_file.load(str(path))
+
+
+def read_export(path):
+  """The export file read from README's specification alone (numpy, zipfile and json):
+  ({layer path: float array}, {tap point: (scale, zero_point, qmin, qmax)})."""
+  with zipfile.ZipFile(path) as archive:
+    def array(name):
+      with archive.open(name + ".npy") as f:
+        return np.lib.format.read_array(f)
+    index = json.loads(array("index.json").tobytes().decode("utf-8"))
+    weights = {}
+    for name, entry in index["leaves"].items():
+      if entry["kind"] == "float":
+        weights[name] = array(name)
+        continue
+      count, bits = int(np.prod(entry["shape"])), entry["bits"]
+      stream = np.unpackbits(array(f"{name}:codes"), bitorder="little")[:count * bits]
+      stored = stream.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits))
+      codes = stored.reshape(entry["shape"]) + entry["offset"]
+      weights[name] = ((codes - array(f"{name}:zero_point")) * array(f"{name}:scale")
+                       ).astype(np.float32)
+    activations = {}
+    for name, entry in index["activations"].items():
+      qmin, qmax = ((0, 2**entry["bits"] - 1) if entry["scheme"] == "asymmetric" else
+                    (-(2**(entry["bits"] - 1) - 1), 2**(entry["bits"] - 1) - 1))
+      activations[name] = (array(f"{name}:scale"), array(f"{name}:zero_point"), qmin, qmax)
+  return weights, activations
+
+
+def numpy_small_cnn(weights, activations, images):
+  """SmallCNN's folded forward pass (3x3 SAME convs, ReLU, 2x2 max-pools after the first two,
+  dense, ReLU, dense head) with activations quantized after each ReLU, in numpy."""
+  def quantize(x, point):
+    scale, zero_point, qmin, qmax = activations[point]
+    return (np.clip(np.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+  x = images
+  for i, pool in zip((1, 2, 3), (True, True, False)):
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    windows = sliding_window_view(padded, (3, 3), axis=(1, 2))  # [N, H, W, C, 3, 3]
+    x = np.einsum("nhwcij,ijco->nhwo", windows, weights[f"conv{i}/conv/kernel"])
+    x = quantize(np.maximum(x + weights[f"conv{i}/conv/bias"], 0), f"act{i}")
+    if pool:
+      n, h, w, c = x.shape
+      x = x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  x = x.reshape(len(x), -1) @ weights["fc1/dense/kernel"] + weights["fc1/dense/bias"]
+  x = quantize(np.maximum(x, 0), "act4")
+  return x @ weights["head/kernel"] + weights["head/bias"]
 
 
 def test_evaluating_the_file_gives_the_sweeps_accuracy(tmp_path):
   idx_dir = tmp_path / "idx"
   idx_dir.mkdir()
-  write_idx_dir(idx_dir, 64, 20)
+  splits = write_idx_dir(idx_dir, 64, 20)
   config = tiny_config(str(idx_dir))
   config.train.num_epochs = 1
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(config, workdir)
-  path = str(tmp_path / "w4.npz")
-  sizes = export.export_checkpoint(workdir, 4, path)
-  assert sizes["export_bytes"] < sizes["float_params_bytes"] * (4 / 32 + 0.03)
-  from_file = export.evaluate_export(config, workdir, path)
   sweep = {(r["weight_bits"], r["act_bits"]): r["accuracy"] for r in results["rows"]}
+
+  weights_only = str(tmp_path / "w4.npz")
+  sizes = export.export_workdir(workdir, 4, weights_only)
+  assert sizes["export_bytes"] < sizes["float_params_bytes"] * (4 / 32 + 0.03)
+  from_file = evaluate.evaluate_export(config, workdir, weights_only)
   assert [(r["weight_bits"], r["act_bits"]) for r in from_file["rows"]] == [(4, 4)]
   assert from_file["rows"][0]["accuracy"] == sweep[(4, 4)]
   with open(os.path.join(workdir, "export_w4_results.json")) as f:
     assert json.load(f)["rows"] == from_file["rows"]
+
+  # With activation ranges the file alone runs the model: no calibration data needed.
+  with_ranges = str(tmp_path / "w4a4.npz")
+  export.export_workdir(workdir, 4, with_ranges, act_bits=4)
+  config.data.data_dir = str(tmp_path / "test_only")
+  os.makedirs(config.data.data_dir)
+  write_idx_dir(config.data.data_dir, 8, 20)  # another train split: calibrating on it would differ
+  assert evaluate.evaluate_export(config, workdir, with_ranges)["rows"][0]["accuracy"] == sweep[(4, 4)]
+
+  # And a reader written from README's specification reproduces the sweep's accuracy.
+  weights, activations = read_export(with_ranges)
+  mean, std = FASHION_MNIST_MEAN_STD
+  images = ((splits["test"]["image"][..., None] / 255.0 - mean) / std).astype(np.float32)
+  logits = numpy_small_cnn(weights, activations, images)
+  accuracy = np.mean(np.argmax(logits, -1) == splits["test"]["label"])
+  assert accuracy == sweep[(4, 4)]
 
 
 def test_compare_writes_a_table_and_a_plot(tmp_path):

@@ -11,7 +11,8 @@ import pytest
 import scipy.stats
 
 from experiments import make_tables, run_sweep
-from qreg import evaluate, objectives, quant, train
+from qreg import config as config_lib
+from qreg import objectives, ptq, quant, train
 from qreg.models import SmallCNN
 from qreg.models.layers import QuantizedActivation
 from tests.fakes import tiny_config, write_idx_dir
@@ -48,7 +49,7 @@ def _qat_problem():
 
 def test_qat_forward_uses_fake_quantized_kernels():
   model, variables, images, _ = _qat_problem()
-  apply_fn = train.quantization_aware_apply_fn(model, 4, None, evaluate.QuantSetup())
+  apply_fn = train.quantization_aware_apply_fn(model, 4, None, ptq.QuantSetup())
   qparams = quant.quantize_params(variables["params"], 4)
   np.testing.assert_allclose(apply_fn(variables, images, train=False),
                              model.apply({**variables, "params": qparams}, images, train=False),
@@ -70,7 +71,7 @@ def test_activation_straight_through_quantizes_with_the_batch_range():
 def test_qat_gradient_is_straight_through():
   """d/dW L(q(W)) under the STE is dL/dW' evaluated at W' = q(W) (the identity's Jacobian)."""
   model, variables, images, labels = _qat_problem()
-  apply_fn = train.quantization_aware_apply_fn(model, 3, None, evaluate.QuantSetup())
+  apply_fn = train.quantization_aware_apply_fn(model, 3, None, ptq.QuantSetup())
   loss = lambda p, fn: objectives.cross_entropy(
       fn({**variables, "params": p}, images, train=False), labels)
   got = jax.grad(loss)(variables["params"], apply_fn)
@@ -90,7 +91,7 @@ def test_method_config_validation():
     section, key = field.split(".")
     bad[section][key] = value
     with pytest.raises(ValueError, match=message):
-      train.build_method_step(bad, model, optimizer)
+      config_lib.validate(bad, num_devices=1)
   config.reg.lambda_w = config.reg.lambda_a = 0.0
   assert train.build_method_step(config, model, optimizer) is None  # no method: plain throughout
 
@@ -109,7 +110,8 @@ def test_table_configs_list_valid_runs(table):
     optimizer = train.build_optimizer(config.optim, 10, 5)
     step = train.build_method_step(config, model, optimizer)
     assert (step is None) == (run["labels"]["method"] == "no-reg")
-    assert evaluate.parse_bit_settings(config.quant.bit_settings)[0] == (None, None)
+    config_lib.validate(config, num_devices=1)
+    assert config_lib.parse_bit_settings(config.quant.bit_settings)[0] == (None, None)
 
 
 SWEEP_FILE = '''

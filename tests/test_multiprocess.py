@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from qreg import data, report, train
+from qreg import cli, data, report, train
 from tests.fakes import BATCH, NUM_TRAIN, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +116,7 @@ if __name__ == "__main__":
   # python -m tests.test_multiprocess IDX_DIR WORKDIR: the reference, one process with two
   # devices fed what the two processes read.
   _, reference_idx_dir, reference_workdir_arg = sys.argv
-  train.configure_logging()
+  cli.configure_logging()
   reference_config = two_process_config(reference_idx_dir)
   train.train_and_evaluate(
       reference_config, reference_workdir_arg,

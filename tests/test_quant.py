@@ -239,7 +239,8 @@ def test_weight_rules_pick_bits_per_layer():
   params = {"conv1": {"conv": {"kernel": jnp.linspace(-1, 1, 50)}},
             "conv2": {"conv": {"kernel": jnp.linspace(-1, 1, 50)}},
             "head": {"kernel": jnp.linspace(-1, 1, 50), "bias": jnp.linspace(-1, 1, 50)}}
-  rules = quant.parse_weight_rules(["^conv1/=8", "^head/=float"])
+  rules = quant.parse_weight_rules(["conv1/.*=8", "head/.*=float"])
+  quant.check_rules_match(params, rules)
   q = quant.quantize_params(params, 2, rules=rules)
   assert len(np.unique(q["conv1"]["conv"]["kernel"])) > 3 * 2 + 1  # 8 bits, not 2
   assert len(np.unique(q["conv2"]["conv"]["kernel"])) <= 3  # the default 2 bits
@@ -248,8 +249,20 @@ def test_weight_rules_pick_bits_per_layer():
   assert quant.quantize_params(params, None, rules=rules) is params  # float means float
 
 
-@pytest.mark.parametrize("rule,message", [("conv1", "REGEX=BITS"), ("^conv1/=1", r"\[2, 16\]"),
-                                          ("^conv1/=four", "integer or 'float'"),
+def test_rules_match_whole_paths_and_unmatched_rules_are_errors():
+  params = {"conv1": {"conv": {"kernel": jnp.ones(4)}}, "conv10": {"conv": {"kernel": jnp.ones(4)}}}
+  # Matched in full: 'conv1/.*' does not reach conv10, which a re.search of '^conv1' would.
+  q = quant.quantize_params(params, 8, rules=quant.parse_weight_rules(["conv1/.*=float"]))
+  assert q["conv1"]["conv"]["kernel"] is params["conv1"]["conv"]["kernel"]
+  assert q["conv10"]["conv"]["kernel"] is not params["conv10"]["conv"]["kernel"]
+  with pytest.raises(ValueError, match=r"quant.weight_rules \['conv1=8', 'hed/.\*=float'\] match no "
+                                       r"kernel .*'conv1/conv/kernel', 'conv10/conv/kernel'"):
+    quant.check_rules_match(params, quant.parse_weight_rules(["conv1=8", "hed/.*=float",
+                                                               "conv10/.*=4"]))
+
+
+@pytest.mark.parametrize("rule,message", [("conv1", "REGEX=BITS"), ("conv1/.*=1", r"\[2, 16\]"),
+                                          ("conv1/.*=four", "integer or 'float'"),
                                           ("(=8", "bad regular expression")])
 def test_bad_weight_rules_rejected(rule, message):
   with pytest.raises(ValueError, match=message):

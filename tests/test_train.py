@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qreg import train
+from qreg import checkpoint, evaluate, train
 from tests.conftest import assert_trees_bit_identical, latest_state
 from tests.fakes import BATCH, BIT_SETTINGS, NUM_TEST, NUM_TRAIN, tiny_config, write_file
 
@@ -56,8 +56,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference_run,
   os.makedirs(os.path.join(checkpoints, "20.orbax-checkpoint-tmp-1795000000"))
 
   with caplog.at_level(logging.WARNING):
-    *_, state = train.load_trained(config, reference_copy)
-  assert int(state.step) == 12
+    step, _ = checkpoint.restore_variables(reference_copy)
+  assert step == 12
   assert f"Checkpoint step 16 in {checkpoints} cannot be restored" in caplog.text
   assert "Ignoring unfinished checkpoint writes" in caplog.text
   assert "20.orbax-checkpoint-tmp-1795000000" in caplog.text
@@ -76,10 +76,10 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference_run,
   assert results["rows"] == reference_results["rows"]
 
   # qreg.evaluate's path: the sweep alone, from the last checkpoint, gives the same table.
-  again = train.evaluate_checkpoint(config, reference_copy)
+  again = evaluate.evaluate_workdir(config, reference_copy)
   assert again["rows"] == reference_results["rows"]
 
 
 def test_evaluate_without_checkpoint_says_so(idx_dir, tmp_path):
-  with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    train.evaluate_checkpoint(tiny_config(idx_dir), str(tmp_path / "empty"))
+  with pytest.raises(checkpoint.CheckpointError, match="No checkpoint"):
+    evaluate.evaluate_workdir(tiny_config(idx_dir), str(tmp_path / "empty"))

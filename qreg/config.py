@@ -1,0 +1,181 @@
+"""A run's configuration: the defaults every config file starts from, and their validation.
+
+`validate` checks every field once, here, before anything is written to a
+workdir, so that a mistyped value costs no work and the code that builds
+from a config can trust it. Checks that need the data (a batch larger than
+the training set) are made where the data is read, in qreg.data.
+"""
+import math
+from collections.abc import Sequence
+
+import ml_collections
+from absl import logging
+
+from qreg import data, models, objectives, parallel, quant
+
+# (weight_bits, act_bits); None = float. A tuple, so that the command line can override it:
+# --config.quant.bit_settings='((4,4),(2,8))'.
+DEFAULT_BIT_SETTINGS = ((None, None), (8, 8), (6, 6), (5, 5), (4, 4), (4, None), (None, 4), (3, 3))
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "constant")
+BitSetting = tuple[int | None, int | None]
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The defaults shared by every config file; each overrides what differs."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "fashion_mnist"
+  config.data.source = "tfds"  # 'tfds' or 'idx' (original IDX files; MNIST-like datasets only)
+  config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  config.data.download = False  # never fetch data unless asked
+  config.data.batch_size = 128  # global, over all devices and processes
+  config.data.image_size = 224  # ImageNet crop size; ignored by the 28x28 / 32x32 datasets
+  config.data.shuffle_buffer = 10_000
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "small_cnn"
+  config.model.stem = "cifar"  # resnet18 only: 'cifar' or 'imagenet'
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = "sgd"
+  config.optim.learning_rate = 0.05
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 5e-4
+  config.optim.schedule = "cosine"
+  config.optim.warmup_epochs = 0
+
+  # Gradient-l1 penalty: lambda_w on conv/dense kernels, lambda_a on tapped
+  # activations, applied from epoch start_epoch on (0 = from the start).
+  config.reg = ml_collections.ConfigDict()
+  config.reg.lambda_w = 0.0
+  config.reg.lambda_a = 0.0
+  config.reg.start_epoch = 0
+  config.reg.norm = "l1"  # 'l2': the paper's ablation, sum of per-layer l2 norms
+  # KURE (Shkolnik et al. 2020): lambda * mean_l (kurtosis(W_l) - 1.8)^2, from start_epoch on.
+  config.reg.lambda_kurtosis = 0.0
+  # How the penalty's gradient is computed: 'hvp' (exact, forward-over-reverse),
+  # 'nested' (exact, double backprop, the slow reference) or 'finite_difference'
+  # (two gradient evaluations; fd_step = largest displacement of a weight or
+  # activation, see qreg.objectives.FD_STEP). README "Cost of the regularizer".
+  config.reg.impl = "hvp"
+  config.reg.fd_step = 1e-3
+
+  # Quantization-aware training with the straight-through estimator from reg.start_epoch
+  # on, at these bit-widths (None = float); the STE baseline.
+  config.qat = ml_collections.ConfigDict()
+  config.qat.weight_bits = ml_collections.FieldReference(None, field_type=int)
+  config.qat.act_bits = ml_collections.FieldReference(None, field_type=int)
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_epochs = 10
+  config.train.log_every_steps = 100
+  # Checkpoints are saved at each epoch end, on SIGTERM/SIGINT and, when > 0, every this many steps.
+  config.train.checkpoint_every_steps = 0
+  # At least 2, so that a damaged latest checkpoint leaves an earlier one to resume from.
+  config.train.checkpoints_to_keep = 3
+
+  config.quant = ml_collections.ConfigDict()
+  config.quant.bit_settings = DEFAULT_BIT_SETTINGS
+  config.quant.weight_scheme = "symmetric"  # or 'asymmetric'
+  config.quant.per_channel = False  # per-tensor weight scales by default
+  # "REGEX=BITS" rules on kernel paths, matched in full, first match wins, e.g.
+  # ("conv1/.*=8", "head/.*=float") keeps the first layer at 8 bits and the last in float;
+  # unmatched kernels get the sweep's bits, and a rule that matches no kernel is an error.
+  config.quant.weight_rules = ()
+  config.quant.act_scheme = "asymmetric"  # or 'symmetric' (for signed activations)
+  config.quant.calibration = "minmax"  # 'minmax', 'percentile' or 'mse'
+  config.quant.percentile = 99.99  # for calibration='percentile'
+  config.quant.num_calibration_batches = 10
+  # When set, also report accuracy with one layer at a time quantized to this many bits.
+  config.quant.sensitivity_bits = ml_collections.FieldReference(None, field_type=int)
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 500
+  return config
+
+
+def field(config: ml_collections.ConfigDict | dict, name: str):
+  """The value of a dotted field such as 'model.name' (None where a section or key is missing)."""
+  section, key = name.split(".")
+  return config.get(section, {}).get(key)
+
+
+def parse_bit_settings(settings: Sequence) -> list[BitSetting]:
+  """config.quant.bit_settings as (weight_bits, act_bits) pairs, None = float."""
+  parsed = []
+  for setting in settings:
+    if not isinstance(setting, (tuple, list)) or len(setting) != 2:
+      raise ValueError(f"quant.bit_settings entry {setting!r} must be (weight_bits, act_bits).")
+    weight_bits, act_bits = setting
+    quant.check_bits(weight_bits, "weight_bits")
+    quant.check_bits(act_bits, "act_bits")
+    parsed.append((weight_bits, act_bits))
+  return parsed
+
+
+def _check_integer(name: str, value, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
+
+
+def _check_number(name: str, value, *, positive: bool) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+      or value < 0 or (positive and value == 0):
+    raise ValueError(f"{name}={value!r} must be a finite number {'>' if positive else '>='} 0.")
+
+
+def _check_choice(name: str, value, choices: Sequence[str], what: str | None = None) -> None:
+  if value not in choices:
+    raise ValueError(f"Unknown {what or name} {value!r}; expected one of {tuple(choices)}.")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ValueError naming the first field whose value cannot work.
+
+  Covers every field the training loop, the penalty, the optimizer, the
+  models, the data sources and the quantization sweep read.
+  """
+  data.check_config(config.data)
+  parallel.check_batch_size(config.data.batch_size, num_devices, "data.batch_size")
+  parallel.check_batch_size(config.eval.batch_size, num_devices, "eval.batch_size")
+
+  _check_choice("model.name", config.model.name, models.MODELS, "model")
+  if config.model.name == "resnet18":
+    _check_choice("model.stem", config.model.stem, models.RESNET_STEMS)
+
+  _check_choice("optim.name", config.optim.name, OPTIMIZERS)
+  _check_choice("optim.schedule", config.optim.schedule, SCHEDULES)
+  _check_number("optim.learning_rate", config.optim.learning_rate, positive=True)
+  for name in ("momentum", "weight_decay", "warmup_epochs"):
+    _check_number(f"optim.{name}", config.optim[name], positive=False)
+
+  for name in ("lambda_w", "lambda_a", "lambda_kurtosis"):
+    _check_number(f"reg.{name}", config.reg[name], positive=False)
+  _check_choice("reg.impl", config.reg.impl, objectives.IMPLS)
+  _check_choice("reg.norm", config.reg.norm, objectives.NORMS)
+  _check_number("reg.fd_step", config.reg.fd_step, positive=True)
+  quant.check_bits(config.qat.weight_bits, "qat.weight_bits")
+  quant.check_bits(config.qat.act_bits, "qat.act_bits")
+
+  for name, minimum in (("train.num_epochs", 1), ("train.log_every_steps", 1),
+                        ("train.checkpoint_every_steps", 0), ("train.checkpoints_to_keep", 2),
+                        ("reg.start_epoch", 0), ("quant.num_calibration_batches", 1)):
+    _check_integer(name, field(config, name), minimum)
+
+  parse_bit_settings(config.quant.bit_settings)
+  quant.check_scheme(config.quant.weight_scheme, "quant.weight_scheme")
+  quant.check_scheme(config.quant.act_scheme, "quant.act_scheme")
+  if config.quant.calibration not in quant.CALIBRATION_METHODS:
+    raise ValueError(f"quant.calibration={config.quant.calibration!r}: expected one of "
+                     f"{quant.CALIBRATION_METHODS}.")
+  quant.check_percentile(config.quant.percentile, "quant.percentile")
+  quant.parse_weight_rules(config.quant.weight_rules)
+  quant.check_bits(config.quant.sensitivity_bits, "quant.sensitivity_bits")
+
+  if (config.reg.start_epoch >= config.train.num_epochs
+      and (config.reg.lambda_w != 0 or config.reg.lambda_a != 0)):
+    logging.warning("reg.start_epoch=%d >= train.num_epochs=%d: the regularizer never runs.",
+                    config.reg.start_epoch, config.train.num_epochs)

@@ -1,0 +1,205 @@
+"""Post-training quantization of a trained model: the setup from config, calibration, the sweep.
+
+For every (weight_bits, act_bits) setting: fold BatchNorm into the preceding
+layers, quantize the kernels (qreg.quant; scheme, granularity and per-layer
+rules from config.quant), calibrate activation ranges on a few training
+batches run through the weight-quantized model with float activations
+(min-max, percentile or MSE-optimal), then measure accuracy with activations
+fake-quantized at every tapped point.
+
+The sweep yields its rows as they are measured; callers print and write them.
+"""
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from qreg import config as config_lib
+from qreg import parallel, quant
+from qreg.models import BN_EPSILON
+
+PyTree = Any
+Row = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSetup:
+  """How weights and activations are quantized; built from config.quant by build_quant_setup."""
+  weight_scheme: str = "symmetric"
+  per_channel: bool = False
+  weight_rules: tuple[quant.WeightRule, ...] = ()
+  act_scheme: str = "asymmetric"
+  calibration: str = "minmax"
+  percentile: float = 99.99
+  num_calibration_batches: int = 10
+
+  def quantize_weights(self, folded_params: PyTree, bits: int | None) -> PyTree:
+    return quant.quantize_params(folded_params, bits, scheme=self.weight_scheme,
+                                 per_channel=self.per_channel, rules=self.weight_rules)
+
+  def weight_integers(self, folded_params: PyTree, bits: int) -> PyTree:
+    """The kernels as `quant.Quantized` (integer codes and steps), the other leaves unchanged."""
+    return quant.quantize_params_to_integers(folded_params, bits, scheme=self.weight_scheme,
+                                             per_channel=self.per_channel, rules=self.weight_rules)
+
+  def describe(self) -> str:
+    rules = [f"{r.pattern}={quant.setting_name(r.bits)}" for r in self.weight_rules]
+    return (f"{self.weight_scheme} {'per-channel' if self.per_channel else 'per-tensor'} weights"
+            f"{', rules ' + str(rules) if rules else ''}; "
+            f"{self.act_scheme} activations, {self.calibration} calibration")
+
+
+def build_quant_setup(quant_config: ml_collections.ConfigDict) -> QuantSetup:
+  """The QuantSetup of a validated config.quant (qreg.config.validate)."""
+  return QuantSetup(
+      weight_scheme=quant_config.weight_scheme, per_channel=bool(quant_config.per_channel),
+      weight_rules=quant.parse_weight_rules(quant_config.weight_rules),
+      act_scheme=quant_config.act_scheme, calibration=quant_config.calibration,
+      percentile=float(quant_config.percentile),
+      num_calibration_batches=int(quant_config.num_calibration_batches))
+
+
+def _replicate(tree: PyTree, mesh) -> PyTree:
+  return jax.device_put(tree, parallel.replicated(mesh))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _correct_and_count(apply_fn: Callable, variables: PyTree, batch: dict[str, jax.Array]):
+  logits = apply_fn(variables, batch["image"], train=False)
+  correct = (jnp.argmax(logits, -1) == batch["label"]) * batch["mask"]
+  return jnp.sum(correct), jnp.sum(batch["mask"])
+
+
+def accuracy(apply_fn: Callable, variables: PyTree, batches: Iterable[dict[str, np.ndarray]],
+             mesh) -> float:
+  """Fraction of correctly classified examples (padding excluded via batch['mask'])."""
+  variables = _replicate(variables, mesh)
+  counts = [_correct_and_count(apply_fn, variables, batch)
+            for batch in parallel.prefetch_to_mesh(batches, mesh)]
+  if not counts:
+    raise ValueError("No evaluation examples.")
+  correct, total = np.sum(jax.device_get(counts), axis=0)
+  return float(correct) / float(total)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _activation_samples(apply_fn: Callable, variables: PyTree, images: jax.Array):
+  _, state = apply_fn(variables, images, train=False, mutable=["activation_stats"])
+  # sow stores a tuple per call; each point is called once per forward pass.
+  return jax.tree.map(lambda sown: sown[0], state["activation_stats"],
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def collect_activation_samples(apply_fn: Callable, variables: PyTree,
+                               batches: Iterable[dict[str, np.ndarray]], mesh) -> PyTree:
+  """Samples of every tapped activation over the batches: {point: {'samples': np.ndarray}}.
+
+  Every process gets the samples of the whole global batches, hence the same ranges.
+  """
+  variables = _replicate(variables, mesh)
+  per_batch = [multihost_utils.process_allgather(
+      _activation_samples(apply_fn, variables, batch["image"]), tiled=True)
+      for batch in parallel.prefetch_to_mesh(batches, mesh)]
+  if not per_batch:
+    raise ValueError("No calibration batches.")
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *per_batch)
+
+
+def activation_ranges(samples: PyTree, bits: int, setup: QuantSetup) -> PyTree:
+  """The `activation_ranges` collection: {point: {'min', 'max'}} by setup.calibration."""
+
+  def point_range(point_samples):
+    low, high = quant.calibrate_range(point_samples["samples"], setup.calibration, bits,
+                                      setup.act_scheme, setup.percentile)
+    return {"min": jnp.float32(low), "max": jnp.float32(high)}
+
+  return jax.tree.map(point_range, samples,
+                      is_leaf=lambda x: isinstance(x, dict) and "samples" in x)
+
+
+class SweepEvaluator:
+  """Accuracy of a folded model's quantized variants, compiling each model variant once.
+
+  Activations are calibrated on training batches; accuracy is measured on `split`.
+  """
+
+  def __init__(self, model, pipeline, mesh, setup: QuantSetup, batch_size: int,
+               split: str = "test"):
+    self._model, self._pipeline, self._mesh = model, pipeline, mesh
+    self.setup, self._batch_size, self._split = setup, batch_size, split
+    self._apply_fns = {}
+
+  def _apply_fn(self, act_bits: int | None) -> Callable:
+    if act_bits not in self._apply_fns:
+      self._apply_fns[act_bits] = self._model.clone(
+          folded=True, act_bits=act_bits, act_scheme=self.setup.act_scheme).apply
+    return self._apply_fns[act_bits]
+
+  def calibration_samples(self, qparams: PyTree) -> PyTree:
+    return collect_activation_samples(
+        self._apply_fn(None), {"params": qparams},
+        self._pipeline.eval_batches(self._batch_size, split="train",
+                                    num_batches=self.setup.num_calibration_batches),
+        self._mesh)
+
+  def activation_ranges(self, qparams: PyTree, act_bits: int,
+                        samples: PyTree | None = None) -> PyTree:
+    """Calibrated ranges of every tapped activation for weights qparams at act_bits."""
+    if samples is None:
+      samples = self.calibration_samples(qparams)
+    return activation_ranges(samples, act_bits, self.setup)
+
+  def accuracy(self, qparams: PyTree, act_bits: int | None, samples: PyTree | None = None,
+               ranges: PyTree | None = None) -> float:
+    """Accuracy with weights qparams and activations at act_bits, quantized with `ranges`
+    (default: calibrated from `samples`, themselves collected when None)."""
+    variables = {"params": qparams}
+    if act_bits is not None:
+      variables["activation_ranges"] = (self.activation_ranges(qparams, act_bits, samples)
+                                        if ranges is None else ranges)
+    return accuracy(self._apply_fn(act_bits), variables,
+                    self._pipeline.eval_batches(self._batch_size, split=self._split), self._mesh)
+
+
+def evaluate_bit_settings(evaluator: SweepEvaluator, folded_params: PyTree,
+                          settings: Sequence[config_lib.BitSetting]) -> Iterator[Row]:
+  """Yields the accuracy row of the folded model at each (weight_bits, act_bits) setting."""
+  samples_by_weight_bits = {}
+  for weight_bits, act_bits in settings:
+    qparams = evaluator.setup.quantize_weights(folded_params, weight_bits)
+    if act_bits is not None and weight_bits not in samples_by_weight_bits:
+      samples_by_weight_bits[weight_bits] = evaluator.calibration_samples(qparams)
+    acc = evaluator.accuracy(qparams, act_bits, samples_by_weight_bits.get(weight_bits))
+    yield {"weight_bits": weight_bits, "act_bits": act_bits, "accuracy": acc}
+
+
+def layer_sensitivity(evaluator: SweepEvaluator, folded_params: PyTree, bits: int) -> Iterator[Row]:
+  """Yields the accuracy with one kernel at a time quantized to `bits`, all else float."""
+  for layer in quant.kernel_paths(folded_params):
+    only_this = (quant.WeightRule(re.escape(layer), bits), quant.WeightRule(".*", None))
+    qparams = quant.quantize_params(folded_params, bits, scheme=evaluator.setup.weight_scheme,
+                                    per_channel=evaluator.setup.per_channel, rules=only_this)
+    yield {"layer": layer, "weight_bits": bits, "accuracy": evaluator.accuracy(qparams, None)}
+
+
+def sweep(config: ml_collections.ConfigDict, model, params: PyTree, batch_stats: PyTree,
+          pipeline, mesh) -> Iterator[tuple[str, Row]]:
+  """The sweep of config.quant on one trained model: yields ('rows', row) for each bit
+  setting, then ('sensitivity', row) for each layer when quant.sensitivity_bits is set."""
+  setup = build_quant_setup(config.quant)
+  folded_params = quant.fold_batch_norm(params, batch_stats, BN_EPSILON)
+  quant.check_rules_match(folded_params, setup.weight_rules)
+  evaluator = SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size)
+  for row in evaluate_bit_settings(evaluator, folded_params,
+                                   config_lib.parse_bit_settings(config.quant.bit_settings)):
+    yield "rows", row
+  if config.quant.sensitivity_bits is not None:
+    for row in layer_sensitivity(evaluator, folded_params, config.quant.sensitivity_bits):
+      yield "sensitivity", row
