@@ -16,7 +16,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.download = False  # never fetch data unless asked
   config.data.batch_size = 128  # global, over all devices and processes
   config.data.image_size = 224  # ImageNet crop size; ignored by the 28x28 / 32x32 datasets
-  config.data.shuffle_buffer = 10_000
+  config.data.shuffle_buffer = 10_000  # TFDS only; in-memory data is shuffled whole
+  # The last this many examples of the train split, held out of training for model selection
+  # (eval split 'validation'); 0 = train on the whole split.
+  config.data.validation_size = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "small_cnn"
