@@ -33,7 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.download = False  # never fetch data unless asked
   config.data.batch_size = 128  # global, over all devices and processes
   config.data.image_size = 224  # ImageNet crop size; ignored by the 28x28 / 32x32 datasets
-  config.data.shuffle_buffer = 10_000
+  config.data.shuffle_buffer = 10_000  # TFDS only; in-memory data is shuffled whole
+  # Examples held out from the end of the train split as the 'validation' split, for
+  # choosing hyperparameters (0: none; training never sees them).
+  config.data.validation_size = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "small_cnn"

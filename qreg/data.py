@@ -1,32 +1,29 @@
 """Input pipelines: per-process, deterministic, resumable batches of images.
 
-Two sources feed one tf.data pipeline:
-- 'idx': the original MNIST / Fashion-MNIST IDX files, read into memory;
-- 'tfds': any dataset in `_DATASETS` through TensorFlow Datasets.
+Two sources feed one InputPipeline:
+- in-memory arrays (the original MNIST / Fashion-MNIST IDX files, or arrays
+  injected by tests), shuffled with numpy;
+- TensorFlow Datasets, through tf.data in qreg.tfds_data (the only user of TensorFlow).
 
-Every epoch is a fresh pipeline whose randomness (file order, example order,
-augmentation) is seeded from (seed, epoch), so the batch at a global step
-depends only on (seed, step) and resuming never replays earlier epochs.
+Every epoch's randomness is seeded from (seed, epoch), so the batch at a global
+step depends only on (seed, step) and resuming never replays earlier epochs.
+data.validation_size holds out the last examples of the train split, whatever
+the number of processes, as the 'validation' split.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gzip
 import itertools
 import math
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
-
-# TF only feeds the host; it must not reserve accelerator memory that JAX needs.
-tf.config.set_visible_devices([], "GPU")
 
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -40,7 +37,9 @@ _IDX_MISSING_HINT = (
   "Install the files (`apt-get install dataset-fashion-mnist` puts Fashion-MNIST in "
   f"{DEFAULT_IDX_DIR}), set data.data_dir, or use data.source='tfds'."
 )
-_SPLITS = ("train", "test")
+_SPLITS = ("train", "validation", "test")
+
+Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,37 +47,47 @@ class DatasetInfo:
   name: str
   num_classes: int
   image_shape: tuple[int, int, int]  # (H, W, C) of the preprocessed model input
-  num_train: int  # examples in the train split (whole dataset, all processes)
-  num_eval: int  # examples in the eval split
+  num_train: int  # training examples (whole dataset, all processes), validation excluded
+  num_eval: int  # examples in the test split
+  num_validation: int = 0  # examples held out of the train split (data.validation_size)
 
 
 @dataclasses.dataclass(frozen=True)
-class _DatasetSpec:
+class DatasetSpec:
   num_classes: int
   mean: tuple[float, ...]  # per channel, of images scaled to [0, 1]
   std: tuple[float, ...]
+  # Model input (H, W, C); None for square crops of data.image_size, RGB.
+  image_shape: tuple[int, int, int] | None
   tfds_eval_split: str = "test"
 
 
-_DATASETS = {
-  "mnist": _DatasetSpec(10, (0.1307,), (0.3081,)),
-  "fashion_mnist": _DatasetSpec(10, (0.2860,), (0.3530,)),
-  "cifar10": _DatasetSpec(10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+DATASETS = {
+  "mnist": DatasetSpec(10, (0.1307,), (0.3081,), (28, 28, 1)),
+  "fashion_mnist": DatasetSpec(10, (0.2860,), (0.3530,), (28, 28, 1)),
+  "cifar10": DatasetSpec(10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), (32, 32, 3)),
   # TFDS's imagenet2012 'test' split has no labels; 'validation' is the held-out set.
-  "imagenet2012": _DatasetSpec(
-    1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), tfds_eval_split="validation"
+  "imagenet2012": DatasetSpec(
+    1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None, tfds_eval_split="validation"
   ),
 }
-_IDX_DATASETS = ("mnist", "fashion_mnist")
+# Datasets trained without augmentation, which the numpy (in-memory) source serves.
+_IN_MEMORY_DATASETS = ("mnist", "fashion_mnist")
 
-# A function (split, process_index, process_count, file_order_seed) -> this process's
-# examples {'image': uint8 [H, W, C], 'label': int32 []} in a fixed order, or with files
-# shuffled by file_order_seed when it is not None.
-ReadShard = Callable[[str, int, int, int | None], tf.data.Dataset]
-# (uint8 image, stateless seed [2]) -> augmented image of the model's input shape.
-Augment = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
-# uint8 image -> image of the model's input shape.
-EvalTransform = Callable[[tf.Tensor], tf.Tensor]
+
+def _spec(name: str) -> DatasetSpec:
+  if name not in DATASETS:
+    raise ValueError(f"Unknown dataset {name!r}; known datasets: {sorted(DATASETS)}")
+  return DATASETS[name]
+
+
+def num_classes(name: str) -> int:
+  return _spec(name).num_classes
+
+
+def image_shape(name: str, image_size: int) -> tuple[int, int, int]:
+  """(H, W, C) of the model input; image_size is the crop size of ImageNet-like datasets."""
+  return _spec(name).image_shape or (image_size, image_size, 3)
 
 
 # ----------------------------------------------------------------------------- IDX files
@@ -151,72 +160,6 @@ def load_idx_split(data_dir: str, split: str) -> dict[str, np.ndarray]:
   return {"image": images[..., np.newaxis], "label": labels.astype(np.int32)}
 
 
-# ----------------------------------------------------------------------------- Preprocessing
-
-
-def _crop_and_flip_seeds(seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-  return crop_seed, flip_seed
-
-
-def _pad_crop_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """CIFAR augmentation: zero-pad by 4, random crop back to size, random horizontal flip."""
-  crop_seed, flip_seed = _crop_and_flip_seeds(seed)
-  padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]])
-  image = tf.image.stateless_random_crop(padded, size=image.shape, seed=crop_seed)
-  return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-
-
-def _resize_center_crop(image: tf.Tensor, image_size: int) -> tf.Tensor:
-  """ImageNet eval: resize the short side to image_size / 0.875 (256 for 224), crop the center."""
-  resize_size = round(image_size / 0.875)
-  height_width = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = resize_size / tf.reduce_min(height_width)
-  resized_shape = tf.cast(tf.round(height_width * scale), tf.int32)
-  image = tf.image.resize(image, resized_shape, method="bicubic")
-  return tf.image.resize_with_crop_or_pad(image, image_size, image_size)
-
-
-def _random_resized_crop_flip(image: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.Tensor:
-  """ImageNet train augmentation, as in the Flax examples/imagenet input pipeline."""
-  crop_seed, flip_seed = _crop_and_flip_seeds(seed)
-  whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4])
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-    tf.shape(image),
-    bounding_boxes=whole_image,
-    seed=crop_seed,
-    min_object_covered=0.1,
-    aspect_ratio_range=(3 / 4, 4 / 3),
-    area_range=(0.08, 1.0),
-    max_attempts=10,
-    use_image_if_no_bounding_boxes=True,
-  )
-  # The sampler returns the whole image when no box fits within max_attempts; as in
-  # Flax, take the eval crop then rather than squashing the whole image to a square.
-  sampling_failed = tf.reduce_all(size == tf.shape(image))
-  image = tf.cond(
-    sampling_failed,
-    lambda: _resize_center_crop(image, image_size),
-    lambda: tf.image.resize(tf.slice(image, begin, size), [image_size] * 2, method="bicubic"),
-  )
-  return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-
-
-def _image_transforms(
-  name: str, image_size: int
-) -> tuple[tuple[int, int, int], Augment | None, EvalTransform | None]:
-  """(model input shape, train augmentation, eval transform) of dataset `name`."""
-  if name == "cifar10":
-    return (32, 32, 3), _pad_crop_flip, None
-  if name == "imagenet2012":
-    return (
-      (image_size, image_size, 3),
-      functools.partial(_random_resized_crop_flip, image_size=image_size),
-      functools.partial(_resize_center_crop, image_size=image_size),
-    )
-  return (28, 28, 1), None, None
-
-
 # ----------------------------------------------------------------------------- Pipeline
 
 
@@ -245,25 +188,49 @@ def _process_share(
   return _ProcessShare(process_index, process_count, global_batch_size // process_count)
 
 
+class Source(Protocol):
+  """Where an InputPipeline's batches come from: _ArraySource or qreg.tfds_data.TfdsSource.
+
+  Both yield this process's numpy batches {'image': float32 normalized, 'label': int32}.
+  """
+
+  def train_epoch(
+    self,
+    seed: int,
+    epoch: int,
+    num_steps: int,
+    first_step: int,
+    *,
+    process_index: int,
+    process_count: int,
+    batch_size: int,
+  ) -> Iterator[Batch]:
+    """Batches first_step, ..., num_steps - 1 of `epoch`, batch_size examples each."""
+
+  def eval_epoch(
+    self, split: str, *, process_index: int, process_count: int, batch_size: int
+  ) -> Iterator[Batch]:
+    """This process's shard of `split` in fixed order, unaugmented; the last batch may be short."""
+
+
+def _padded_with_mask(batch: Batch, batch_size: int) -> Batch:
+  """`batch` with 'mask' 1.0, padded to batch_size with zero examples of mask 0.0."""
+  batch = {**batch, "mask": np.ones(len(batch["label"]), np.float32)}
+  missing = batch_size - len(batch["label"])
+  if not missing:  # Full batches, all but the last, pass through uncopied.
+    return batch
+  return {
+    key: np.pad(values, [(0, missing)] + [(0, 0)] * (values.ndim - 1))
+    for key, values in batch.items()
+  }
+
+
 class InputPipeline:
   """Batches of one dataset for one process; see `build_input_pipeline`."""
 
-  def __init__(
-    self,
-    name: str,
-    read_shard: ReadShard,
-    num_train: int,
-    num_eval: int,
-    shuffle_buffer: int,
-    image_size: int,
-  ):
-    spec = _DATASETS[name]
-    image_shape, self._augment, self._eval_transform = _image_transforms(name, image_size)
-    self.info = DatasetInfo(name, spec.num_classes, image_shape, num_train, num_eval)
-    self._read_shard = read_shard
-    self._shuffle_buffer = shuffle_buffer
-    self._mean = tf.constant(spec.mean, tf.float32)
-    self._std = tf.constant(spec.std, tf.float32)
+  def __init__(self, info: DatasetInfo, source: Source):
+    self.info = info
+    self._source = source
 
   def steps_per_epoch(self, global_batch_size: int) -> int:
     steps = self.info.num_train // global_batch_size
@@ -281,7 +248,7 @@ class InputPipeline:
     start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
-  ) -> Iterator[dict[str, np.ndarray]]:
+  ) -> Iterator[Batch]:
     """Infinite augmented batches {'image': float32 [B/P, H, W, C], 'label': int32 [B/P]}.
 
     Element k is this process's part of the global batch at step start_step + k.
@@ -293,46 +260,11 @@ class InputPipeline:
     def batches():
       for epoch in itertools.count(first_epoch):
         first_step = first_step_in_epoch if epoch == first_epoch else 0
-        epoch_batches = self._train_epoch(seed, epoch, steps_per_epoch, first_step, share)
-        yield from epoch_batches.as_numpy_iterator()
+        yield from self._source.train_epoch(
+          seed, epoch, steps_per_epoch, first_step, **dataclasses.asdict(share)
+        )
 
     return batches()
-
-  def _train_epoch(
-    self,
-    seed: int,
-    epoch: int,
-    steps_per_epoch: int,
-    first_step: int,
-    share: _ProcessShare,
-  ) -> tf.data.Dataset:
-    """Batches first_step, ..., steps_per_epoch - 1 of `epoch` for this process."""
-    file_order_seed, example_order_seed, *augment_seed = (
-      int(word) for word in np.random.SeedSequence([seed, epoch]).generate_state(4)
-    )
-    batch_size = share.batch_size
-    examples = self._read_shard("train", share.process_index, share.process_count, file_order_seed)
-    examples = examples.shuffle(self._shuffle_buffer, seed=example_order_seed)
-    # Every process takes the same number of batches, even from uneven shards.
-    examples = examples.take(steps_per_epoch * batch_size)
-    skipped_examples = first_step * batch_size
-    if self._augment is None:
-      examples = examples.skip(skipped_examples)
-    else:
-      global_batch_size = batch_size * share.process_count
-      epoch_augment_seed = tf.constant(augment_seed, tf.int64)
-
-      def augment(position, example):
-        # Seeded by the example's slot in the global epoch order, so no two
-        # processes (and no two steps) share an augmentation.
-        step, slot = position // batch_size, position % batch_size
-        global_slot = step * global_batch_size + share.process_index * batch_size + slot
-        example_seed = tf.random.experimental.stateless_fold_in(epoch_augment_seed, global_slot)
-        return {**example, "image": self._augment(example["image"], example_seed)}
-
-      examples = examples.enumerate().skip(skipped_examples)
-      examples = examples.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    return self._batch_and_normalize(examples, batch_size)
 
   def eval_batches(
     self,
@@ -341,125 +273,140 @@ class InputPipeline:
     num_batches: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-  ) -> Iterator[dict[str, np.ndarray]]:
+  ) -> Iterator[Batch]:
     """Batches {'image', 'label', 'mask'} of `split` in a fixed order, without augmentation.
 
     The last batch is padded with mask 0.0 so that every example of the split is
     counted once over all processes, which all yield the same number of batches.
     """
     share = _process_share(global_batch_size, process_index, process_count)
-    num_examples = {"train": self.info.num_train, "test": self.info.num_eval}.get(split)
-    if num_examples is None:
-      raise ValueError(f"Unknown split {split!r}; expected one of {list(_SPLITS)}")
+    num_examples = self._num_examples(split)
     # Even shards hold at most ceil(N / P) <= ceil(N / B) * B / P examples, so every
     # process's examples fit in the same number of batches.
     steps = -(-num_examples // global_batch_size)
     if num_batches is not None:
       steps = min(steps, num_batches)
-
-    examples = self._read_shard(split, share.process_index, share.process_count, None)
-    if self._eval_transform is not None:
-      examples = examples.map(
-        lambda example: {**example, "image": self._eval_transform(example["image"])},
-        num_parallel_calls=tf.data.AUTOTUNE,
-      )
-    examples = examples.map(lambda example: {**example, "mask": tf.constant(1.0)})
-    padding = tf.nest.map_structure(
-      lambda spec: tf.zeros(spec.shape, spec.dtype), examples.element_spec
+    no_examples = {
+      "image": np.zeros((0, *self.info.image_shape), np.float32),
+      "label": np.zeros((0,), np.int32),
+    }
+    batches = itertools.chain(
+      self._source.eval_epoch(split, **dataclasses.asdict(share)), itertools.repeat(no_examples)
     )
-    examples = examples.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
-    examples = examples.take(steps * share.batch_size)
-    return self._batch_and_normalize(examples, share.batch_size).as_numpy_iterator()
+    return (
+      _padded_with_mask(batch, share.batch_size) for batch in itertools.islice(batches, steps)
+    )
 
-  def _batch_and_normalize(self, examples: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
-    def normalize(batch):
-      image = tf.cast(batch["image"], tf.float32) / 255.0
-      return {**batch, "image": (image - self._mean) / self._std}
-
-    batches = examples.batch(batch_size, drop_remainder=True)
-    batches = batches.map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
-    return batches.prefetch(tf.data.AUTOTUNE)
+  def _num_examples(self, split: str) -> int:
+    if split not in _SPLITS:
+      raise ValueError(f"Unknown split {split!r}; expected one of {list(_SPLITS)}")
+    if split == "validation" and self.info.num_validation == 0:
+      raise ValueError("split='validation' needs data.validation_size > 0 held-out examples")
+    return {
+      "train": self.info.num_train,
+      "validation": self.info.num_validation,
+      "test": self.info.num_eval,
+    }[split]
 
 
 # ----------------------------------------------------------------------------- Sources
 
 
-def _array_reader(splits: Mapping[str, Mapping[str, np.ndarray]]) -> ReadShard:
-  """Reads in-memory splits; process p gets the p-th of P even contiguous slices."""
+class _ArraySource:
+  """In-memory splits; process p reads the p-th of P even contiguous slices of each."""
 
-  def read_shard(split, process_index, process_count, file_order_seed):
-    del file_order_seed  # One in-memory "file": the example shuffle does all the mixing.
-    shard = {
-      key: np.array_split(values, process_count)[process_index]
-      for key, values in splits[split].items()
-    }
-    return tf.data.Dataset.from_tensor_slices(shard)
+  def __init__(self, splits: Mapping[str, Batch], mean: tuple[float, ...], std: tuple[float, ...]):
+    self._splits = splits
+    self._mean = np.asarray(mean, np.float32)
+    self._std = np.asarray(std, np.float32)
 
-  return read_shard
+  def train_epoch(
+    self, seed, epoch, num_steps, first_step, *, process_index, process_count, batch_size
+  ) -> Iterator[Batch]:
+    images, labels = self._shard("train", process_index, process_count)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+    # Every process takes the same number of batches, even from uneven shards.
+    order = rng.permutation(len(labels))[: num_steps * batch_size]
+    for step in range(first_step, num_steps):
+      ids = order[step * batch_size : (step + 1) * batch_size]
+      yield self._normalized(images[ids], labels[ids])
 
+  def eval_epoch(self, split, *, process_index, process_count, batch_size) -> Iterator[Batch]:
+    images, labels = self._shard(split, process_index, process_count)
+    for start in range(0, len(labels), batch_size):
+      yield self._normalized(images[start : start + batch_size], labels[start : start + batch_size])
 
-def _tfds_reader(builder: tfds.core.DatasetBuilder, split_names: Mapping[str, str]) -> ReadShard:
-  """Reads TFDS splits; process p gets `tfds.split_for_jax_process` of the split."""
-
-  def read_shard(split, process_index, process_count, file_order_seed):
-    examples = builder.as_dataset(
-      split=tfds.split_for_jax_process(
-        split_names[split], process_index=process_index, process_count=process_count
-      ),
-      shuffle_files=file_order_seed is not None,
-      # Pipelines last one epoch, so caching their data would only cost memory.
-      read_config=tfds.ReadConfig(shuffle_seed=file_order_seed, try_autocache=False),
+  def _shard(
+    self, split: str, process_index: int, process_count: int
+  ) -> tuple[np.ndarray, np.ndarray]:
+    return tuple(
+      np.array_split(self._splits[split][key], process_count)[process_index]
+      for key in ("image", "label")
     )
-    return examples.map(
-      lambda example: {"image": example["image"], "label": tf.cast(example["label"], tf.int32)}
+
+  def _normalized(self, images: np.ndarray, labels: np.ndarray) -> Batch:
+    return {"image": (images.astype(np.float32) / 255.0 - self._mean) / self._std, "label": labels}
+
+
+def _check_in_memory(name: str) -> None:
+  if name not in _IN_MEMORY_DATASETS:
+    raise ValueError(
+      f"data.source='idx' only serves {list(_IN_MEMORY_DATASETS)}, not {name!r}; "
+      "its augmentation runs through data.source='tfds'"
     )
 
-  return read_shard
 
-
-def _tfds_builder(name: str, data_dir: str | None, download: bool) -> tfds.core.DatasetBuilder:
-  builder = tfds.builder(name, data_dir=data_dir)
-  if download:
-    builder.download_and_prepare()
-  elif not builder.is_prepared():
-    raise FileNotFoundError(
-      f"TFDS dataset {name!r} is not prepared: looked in {builder.data_dir} "
-      f"(data.data_dir={data_dir!r}). Set data.download=True to download and prepare it, "
-      f"or prepare it there yourself (`tfds build {name} --data_dir=...`)."
+def _check_validation_size(validation_size: int, num_train_split: int, name: str) -> None:
+  if not (isinstance(validation_size, int) and 0 <= validation_size < num_train_split):
+    raise ValueError(
+      f"data.validation_size={validation_size!r} must be an integer >= 0 and smaller than "
+      f"the {num_train_split} examples of {name}'s train split."
     )
-  return builder
 
 
 def pipeline_from_arrays(
   name: str,
   splits: Mapping[str, Mapping[str, np.ndarray]],
   image_size: int = 224,
+  validation_size: int = 0,
 ) -> InputPipeline:
   """A pipeline over in-memory splits {'train'|'test': {'image': uint8 [N,H,W,C], 'label': [N]}}.
 
-  Serves the IDX source, and injects fake data in tests. Shuffles the whole train split.
+  Serves the IDX source, and injects fake data in tests. Shuffles the whole train
+  split but its last validation_size examples, which form the 'validation' split.
   """
-  int32_splits = {
-    split: {"image": splits[split]["image"], "label": np.asarray(splits[split]["label"], np.int32)}
-    for split in _SPLITS
-  }
-  num_train, num_eval = (len(int32_splits[split]["label"]) for split in _SPLITS)
-  return InputPipeline(
-    name, _array_reader(int32_splits), num_train, num_eval, num_train, image_size
+  _check_in_memory(name)
+  train, test = (
+    {"image": np.asarray(arrays["image"]), "label": np.asarray(arrays["label"], np.int32)}
+    for arrays in (splits["train"], splits["test"])
   )
+  _check_validation_size(validation_size, len(train["label"]), name)
+  num_train = len(train["label"]) - validation_size
+  arrays = {
+    "train": {key: values[:num_train] for key, values in train.items()},
+    "validation": {key: values[num_train:] for key, values in train.items()},
+    "test": test,
+  }
+  spec = DATASETS[name]
+  info = DatasetInfo(
+    name, spec.num_classes, image_shape(name, image_size), num_train, len(test["label"]),
+    validation_size,
+  )
+  return InputPipeline(info, _ArraySource(arrays, spec.mean, spec.std))
 
 
 def check_config(data_config) -> None:
   """Raises ValueError (FileNotFoundError for a missing directory) for a data section that
-  names no known dataset or source, before any data is read."""
-  name, source = data_config.name, data_config.source
-  if name not in _DATASETS:
-    raise ValueError(f"Unknown dataset {name!r}; known datasets: {sorted(_DATASETS)}")
+  cannot work, before any data is read."""
+  name, source, validation_size = data_config.name, data_config.source, data_config.validation_size
+  _spec(name)
   if source not in ("idx", "tfds"):
     raise ValueError(f"Unknown data.source {source!r}; expected 'idx' or 'tfds'")
+  if isinstance(validation_size, bool) or not isinstance(validation_size, int) \
+      or validation_size < 0:
+    raise ValueError(f"data.validation_size={validation_size!r} must be an integer >= 0.")
   if source == "idx":
-    if name not in _IDX_DATASETS:
-      raise ValueError(f"data.source='idx' only serves {list(_IDX_DATASETS)}, not {name!r}")
+    _check_in_memory(name)
     if data_config.data_dir is None and name != "fashion_mnist":
       # MNIST and Fashion-MNIST share file names; never read one as the other.
       raise ValueError(
@@ -470,32 +417,38 @@ def check_config(data_config) -> None:
       raise FileNotFoundError(f"IDX data directory {data_dir} does not exist. {_IDX_MISSING_HINT}")
 
 
-def num_classes(name: str) -> int:
-  """Classes of dataset `name`, known without reading any data."""
-  return _DATASETS[name].num_classes
-
-
 def build_input_pipeline(data_config) -> InputPipeline:
   """The pipeline that `data_config` (the config's `data` section) describes."""
   check_config(data_config)
-  name = data_config.name
+  name, validation_size = data_config.name, data_config.validation_size
+  spec = _spec(name)
   if data_config.source == "idx":
     data_dir = data_config.data_dir or DEFAULT_IDX_DIR
-    splits = {split: load_idx_split(data_dir, split) for split in _SPLITS}
-    return pipeline_from_arrays(name, splits)
+    splits = {split: load_idx_split(data_dir, split) for split in _IDX_FILES}
+    return pipeline_from_arrays(name, splits, data_config.image_size, validation_size)
 
-  builder = _tfds_builder(name, data_config.data_dir, data_config.download)
-  split_names = {"train": "train", "test": _DATASETS[name].tfds_eval_split}
-  # Counted from the datasets rather than builder.info.splits, which is empty under
-  # tfds.testing.mock_data.
-  num_train, num_eval = (
-    int(builder.as_dataset(split=split_names[split]).cardinality()) for split in _SPLITS
+  # TensorFlow is an optional dependency needed only for TFDS sources.
+  from qreg import tfds_data  # pylint: disable=g-import-not-at-top
+
+  builder = tfds_data.load_builder(name, data_config.data_dir, data_config.download)
+  num_train_split = tfds_data.count_examples(builder, "train")
+  _check_validation_size(validation_size, num_train_split, name)
+  split_names = {"train": "train", "test": spec.tfds_eval_split}
+  if validation_size:
+    split_names.update(
+      train=f"train[:-{validation_size}]", validation=f"train[-{validation_size}:]"
+    )
+  info = DatasetInfo(
+    name,
+    spec.num_classes,
+    image_shape(name, data_config.image_size),
+    num_train_split - validation_size,
+    tfds_data.count_examples(builder, split_names["test"]),
+    validation_size,
   )
   return InputPipeline(
-    name,
-    _tfds_reader(builder, split_names),
-    num_train,
-    num_eval,
-    data_config.shuffle_buffer,
-    data_config.image_size,
+    info,
+    tfds_data.TfdsSource(
+      builder, split_names, spec.mean, spec.std, data_config.shuffle_buffer, data_config.image_size
+    ),
   )

@@ -1,18 +1,20 @@
-"""Tests for qreg.data: IDX reading, determinism, resumption, sharding, eval padding."""
+"""Tests for qreg.data: IDX reading, determinism, resumption, sharding, eval padding, validation."""
 import gzip
 import itertools
 import os
 import struct
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from qreg import data
 from tests.fakes import fake_split, idx_bytes, write_file, write_idx_dir
 
-NUM_TRAIN, NUM_TEST = 40, 13
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_TRAIN, NUM_TEST, NUM_VALIDATION = 40, 13, 10
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 
 
@@ -22,16 +24,21 @@ def idx_dir(tmp_path_factory):
   return str(directory), write_idx_dir(directory, NUM_TRAIN, NUM_TEST)
 
 
-def idx_config(data_dir, name="fashion_mnist"):
+def idx_config(data_dir, name="fashion_mnist", validation_size=0):
   return ml_collections.ConfigDict(
     dict(name=name, source="idx", data_dir=data_dir, download=False,
-         image_size=224, shuffle_buffer=16)
+         image_size=224, shuffle_buffer=16, validation_size=validation_size)
   )
 
 
 @pytest.fixture(scope="module")
 def pipeline(idx_dir):
   return data.build_input_pipeline(idx_config(idx_dir[0]))
+
+
+@pytest.fixture(scope="module")
+def validation_pipeline(idx_dir):
+  return data.build_input_pipeline(idx_config(idx_dir[0], validation_size=NUM_VALIDATION))
 
 
 def normalized(images: np.ndarray) -> np.ndarray:
@@ -52,6 +59,15 @@ def example_ids(batch_images: np.ndarray, split_images: np.ndarray) -> list[int]
 
 def take(iterator, n):
   return list(itertools.islice(iterator, n))
+
+
+def real_examples(batches):
+  """(images, labels) of the examples of masked eval batches, padding dropped, in order."""
+  real = [batch["mask"] == 1.0 for batch in batches]
+  return tuple(
+    np.concatenate([batch[key][mask] for batch, mask in zip(batches, real)])
+    for key in ("image", "label")
+  )
 
 
 def assert_batches_equal(first, second):
@@ -126,7 +142,7 @@ def test_load_idx_split_checks_counts(tmp_path):
 
 
 def test_idx_pipeline_info_and_batches(pipeline):
-  assert pipeline.info == data.DatasetInfo("fashion_mnist", 10, (28, 28, 1), NUM_TRAIN, NUM_TEST)
+  assert pipeline.info == data.DatasetInfo("fashion_mnist", 10, (28, 28, 1), NUM_TRAIN, NUM_TEST, 0)
   assert pipeline.steps_per_epoch(8) == 5
   batch = next(pipeline.train_batches(8, seed=0))
   assert batch["image"].shape == (8, 28, 28, 1) and batch["image"].dtype == np.float32
@@ -229,8 +245,102 @@ def test_config_errors(idx_dir):
     data.build_input_pipeline(idx_config(idx_dir[0], name="svhn"))
   with pytest.raises(ValueError, match="only serves"):
     data.build_input_pipeline(idx_config(idx_dir[0], name="cifar10"))
+  with pytest.raises(ValueError, match="only serves"):
+    data.pipeline_from_arrays("cifar10", {"train": fake_split(4, 0), "test": fake_split(4, 0)})
   with pytest.raises(ValueError, match="holds Fashion-MNIST"):
     data.build_input_pipeline(idx_config(None, name="mnist"))
+
+
+def test_steps_per_epoch_rejects_a_batch_larger_than_the_data():
+  pipeline = data.pipeline_from_arrays(
+    "fashion_mnist", {"train": fake_split(64, 0), "test": fake_split(4, 0)}
+  )
+  message = "data.batch_size=128 exceeds the 64 training examples of fashion_mnist"
+  with pytest.raises(ValueError, match=message):
+    pipeline.steps_per_epoch(128)
+  with pytest.raises(ValueError, match=message):
+    pipeline.train_batches(128, seed=0, process_index=0, process_count=1)
+
+
+def test_model_input_is_known_without_data():
+  assert data.num_classes("imagenet2012") == 1000 and data.num_classes("mnist") == 10
+  assert data.image_shape("imagenet2012", 160) == (160, 160, 3)
+  assert data.image_shape("cifar10", 160) == (32, 32, 3)
+  assert data.image_shape("fashion_mnist", 160) == (28, 28, 1)
+  assert sorted(data.DATASETS) == ["cifar10", "fashion_mnist", "imagenet2012", "mnist"]
+  with pytest.raises(ValueError, match="Unknown dataset 'svhn'"):
+    data.num_classes("svhn")
+
+
+def test_idx_pipeline_runs_without_tensorflow(idx_dir):
+  # None in sys.modules makes any import of the module fail, as on a machine without it.
+  script = f"""
+import sys
+sys.modules["tensorflow"] = sys.modules["tensorflow_datasets"] = None
+import ml_collections
+from qreg import data
+pipeline = data.build_input_pipeline(ml_collections.ConfigDict({dict(idx_config(idx_dir[0]))!r}))
+assert next(pipeline.train_batches(8, seed=0))["image"].shape == (8, 28, 28, 1)
+assert next(pipeline.eval_batches(8))["mask"].sum() == 8
+"""
+  result = subprocess.run(
+    [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- Validation split
+
+
+def test_validation_is_the_last_examples_of_the_train_split(validation_pipeline, idx_dir):
+  train = idx_dir[1]["train"]
+  info = validation_pipeline.info
+  assert (info.num_train, info.num_validation) == (NUM_TRAIN - NUM_VALIDATION, NUM_VALIDATION)
+  batches = list(validation_pipeline.eval_batches(4, split="validation"))
+  assert len(batches) == 3 and batches[-1]["mask"].tolist() == [1.0, 1.0, 0.0, 0.0]
+  images, labels = real_examples(batches)
+  np.testing.assert_allclose(images, normalized(train["image"][-NUM_VALIDATION:]), atol=1e-5)
+  np.testing.assert_array_equal(labels, train["label"][-NUM_VALIDATION:])
+
+
+def test_validation_is_the_same_over_processes(validation_pipeline):
+  def examples(process_index, process_count):
+    batches = validation_pipeline.eval_batches(
+      4, split="validation", process_index=process_index, process_count=process_count
+    )
+    return real_examples(list(batches))
+
+  shards = [examples(p, 2) for p in range(2)]
+  for key, whole in enumerate(examples(0, 1)):
+    np.testing.assert_array_equal(np.concatenate([shard[key] for shard in shards]), whole)
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_training_never_sees_the_validation_examples(validation_pipeline, idx_dir, process_count):
+  train = idx_dir[1]["train"]
+  steps_per_epoch = validation_pipeline.steps_per_epoch(6)
+  num_steps = 2 * steps_per_epoch  # two epochs, each of a different permutation
+  seen = set()
+  for p in range(process_count):
+    batches = validation_pipeline.train_batches(
+      6, seed=0, process_index=p, process_count=process_count
+    )
+    for batch in take(batches, num_steps):
+      seen.update(example_ids(batch["image"], train["image"]))
+  # 30 training examples, 5 steps of 6 an epoch: every one is seen, none held out.
+  assert seen == set(range(NUM_TRAIN - NUM_VALIDATION))
+
+
+def test_validation_size_errors(idx_dir, pipeline):
+  splits = idx_dir[1]
+  for validation_size in (-1, NUM_TRAIN):
+    with pytest.raises(ValueError, match=f"data.validation_size={validation_size} must be an "
+                                         f"integer >= 0 and smaller than the {NUM_TRAIN} "):
+      data.pipeline_from_arrays("fashion_mnist", splits, validation_size=validation_size)
+  with pytest.raises(ValueError, match="smaller than the 40 examples of fashion_mnist"):
+    data.build_input_pipeline(idx_config(idx_dir[0], validation_size=NUM_TRAIN))
+  with pytest.raises(ValueError, match="split='validation' needs data.validation_size > 0"):
+    pipeline.eval_batches(8, split="validation")
 
 
 def test_real_fashion_mnist_files():
@@ -244,15 +354,32 @@ def test_real_fashion_mnist_files():
   assert abs(batch["image"].mean()) < 0.2 and 0.8 < batch["image"].std() < 1.2
 
 
-# ----------------------------------------------------------------------------- Augmentation
+# ----------------------------------------------------------------------------- TFDS
 
 
-def test_cifar_augmentation_is_a_padded_crop_and_flip():
+def tfds_config(name, data_dir, download=True, validation_size=0):
+  return ml_collections.ConfigDict(
+    dict(name=name, source="tfds", data_dir=data_dir, download=download,
+         image_size=24, shuffle_buffer=16, validation_size=validation_size)
+  )
+
+
+def test_cifar_augmentation_is_a_padded_crop_and_flip(tmp_path):
+  tf = pytest.importorskip("tensorflow")
+  tfds = pytest.importorskip("tensorflow_datasets")
   rng = np.random.default_rng(0)
   # Nonzero pixels, so that the zero padding is told apart from the image.
   images = rng.integers(1, 256, size=(8, 32, 32, 3), dtype=np.uint8)
-  splits = {split: {"image": images, "label": np.arange(8)} for split in ("train", "test")}
-  pipeline = data.pipeline_from_arrays("cifar10", splits)
+
+  def as_dataset(builder, **unused_split_and_options):
+    # Every split (one process reads it whole): these 8 examples, labelled by index.
+    del builder
+    return tf.data.Dataset.from_tensor_slices({"image": images, "label": np.arange(8)})
+
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    pipeline = data.build_input_pipeline(tfds_config("cifar10", str(tmp_path)))
+    train = take(pipeline.train_batches(8, seed=0), 2)
+    eval_batch = next(pipeline.eval_batches(8))
   mean, std = np.array([0.4914, 0.4822, 0.4465]), np.array([0.2470, 0.2435, 0.2616])
 
   def pixels(batch):
@@ -260,7 +387,7 @@ def test_cifar_augmentation_is_a_padded_crop_and_flip():
 
   padded = np.pad(images, [(0, 0), (4, 4), (4, 4), (0, 0)])
   transforms_seen = set()
-  for batch in take(pipeline.train_batches(8, seed=0), 2):
+  for batch in train:
     for image, label in zip(pixels(batch), batch["label"]):
       matches = [
         (dy, dx, flip)
@@ -274,18 +401,7 @@ def test_cifar_augmentation_is_a_padded_crop_and_flip():
       assert len(matches) == 1, "not a crop of the zero-padded example, flipped or not"
       transforms_seen.add(matches[0])
   assert len(transforms_seen) > 8
-  eval_batch = next(pipeline.eval_batches(8))
   np.testing.assert_array_equal(pixels(eval_batch), images)
-
-
-# ----------------------------------------------------------------------------- TFDS
-
-
-def tfds_config(name, data_dir, download=True):
-  return ml_collections.ConfigDict(
-    dict(name=name, source="tfds", data_dir=data_dir, download=download,
-         image_size=24, shuffle_buffer=16)
-  )
 
 
 # image_size=24 is the ImageNet crop size; CIFAR-10 ignores it.
@@ -293,6 +409,7 @@ def tfds_config(name, data_dir, download=True):
   "name, image_shape", [("cifar10", (32, 32, 3)), ("imagenet2012", (24, 24, 3))]
 )
 def test_tfds_pipeline_under_mock_data(tmp_path, name, image_shape):
+  tfds = pytest.importorskip("tensorflow_datasets")
   # The mock ignores data_dir and makes download_and_prepare a no-op, so download=True
   # reads nothing from the network. It serves num_examples examples for every split
   # and every process shard; imagenet2012 images have random sizes (5 to 49 pixels).
@@ -312,7 +429,23 @@ def test_tfds_pipeline_under_mock_data(tmp_path, name, image_shape):
   assert len(evaluation) == 2 and sum(batch["mask"].sum() for batch in evaluation) == 12
 
 
+def test_tfds_validation_split_under_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  # The mock serves 12 examples whatever the split ('train[:-4]', 'train[-4:]'), so this
+  # checks the sizes and that TFDS accepts the split strings, not which examples are read.
+  with tfds.testing.mock_data(num_examples=12):
+    pipeline = data.build_input_pipeline(tfds_config("cifar10", str(tmp_path), validation_size=4))
+    assert (pipeline.info.num_train, pipeline.info.num_validation) == (8, 4)
+    assert pipeline.steps_per_epoch(4) == 2
+    validation = list(pipeline.eval_batches(4, split="validation", process_index=1,
+                                            process_count=2))
+    with pytest.raises(ValueError, match="data.validation_size=12 must be an integer >= 0"):
+      data.build_input_pipeline(tfds_config("cifar10", str(tmp_path), validation_size=12))
+  assert len(validation) == 1 and validation[0]["image"].shape == (2, 32, 32, 3)
+
+
 def test_tfds_without_download_reports_missing_data(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
   with pytest.raises(FileNotFoundError, match="data.download=True") as error:
     data.build_input_pipeline(tfds_config("cifar10", str(tmp_path), download=False))
   assert str(tmp_path) in str(error.value)
