@@ -86,6 +86,10 @@ class Progress:
         total += remaining * rate
     return total
 
+  def exclude_pause(self) -> None:
+    """Leaves the time since the last step (an evaluation, a checkpoint) out of the rates."""
+    self._last_time = None
+
   def step_done(self, kind: str, step: int, compiled_now: bool) -> str | None:
     """Counts a finished step of `kind`; returns a progress line every `every_secs`."""
     now = time.time()

@@ -323,6 +323,8 @@ def _train(config, workdir, mesh, pipeline, model, optimizer, method_step, steps
             checkpoint.write_run_config(config, workdir)
             config_written = True
           manager.save(done, args=ocp.args.StandardSave(state))
+        if last_in_epoch or save:
+          progress.exclude_pause()
         if preempted:
           signum = signals_received[0] if signals_received else signal.SIGTERM
           manager.wait_until_finished()

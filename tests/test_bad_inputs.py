@@ -5,13 +5,15 @@ Every case runs on a copy of a workdir that already holds a trained run
 its files are still there, byte for byte.
 """
 import hashlib
+import json
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from qreg import train
+from qreg import checkpoint, train
 from tests.fakes import fake_split, idx_bytes, tiny_config, write_file, write_idx_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,23 +165,58 @@ TINY = "--config=tests/fakes.py:{idx_dir}"
 
 @pytest.mark.parametrize("args,message", [
     ([TINY, "--config.optim.learnig_rate=0.1"],
-     "FATAL Flags parsing error: --config.optim.learnig_rate=0.1: the config has no field "
-     "'learnig_rate'. Did you mean \"learning_rate\" instead of \"learnig_rate\"?"),
+     "error: --config.optim.learnig_rate=0.1: the config has no field 'learnig_rate'. Did you "
+     "mean \"learning_rate\" instead of \"learnig_rate\"?"),
     ([TINY, "--config.data.batch_size=eight"],
-     "FATAL Flags parsing error: flag --config.data.batch_size=eight: invalid literal for int() "
-     "with base 10: 'eight'"),
-    (["--config=configs/fashion_mnsit.py"], "--config=configs/fashion_mnsit.py: no such file."),
+     "error: flag --config.data.batch_size=eight: invalid literal for int() with base 10: 'eight'"),
+    (["--config=configs/fashion_mnsit.py"], "error: --config=configs/fashion_mnsit.py: no such file."),
     ([TINY, "--num_processes=2"],
-     "--num_processes given without --coordinator_address, --process_id: pass all three, or "
-     "only --distributed where JAX finds the processes itself"),
+     "error: --num_processes given without --coordinator_address, --process_id: pass all three, "
+     "or only --distributed where JAX finds the processes itself"),
+    ([TINY, "--config.reg.lambda_w=-1"], "error: reg.lambda_w=-1.0 must be a finite number >= 0."),
+    ([TINY, "--config.quant.weight_rules=('conv9/.*=8',)"],
+     "error: quant.weight_rules ['conv9/.*=8'] match no kernel"),
 ])
 def test_command_line_mistakes(idx_dir, reference_copy, args, message):
+  """Each prints one line, `error: <what is wrong>`, no traceback, and exits with status 2."""
   before = snapshot(reference_copy)
   result = subprocess.run(
       [sys.executable, "-m", "qreg.main", f"--workdir={reference_copy}",
        *[arg.format(idx_dir=idx_dir) for arg in args]],
       cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 1
-  assert message in result.stderr, result.stderr[-3000:]
+  assert result.returncode == 2, result.stderr[-3000:]
+  [error] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert error.startswith(message), result.stderr[-3000:]
   assert "Traceback" not in result.stderr
   assert snapshot(reference_copy) == before
+
+
+def test_verbose_shows_the_traceback(idx_dir, tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "qreg.main", f"--workdir={tmp_path / 'run'}",
+       TINY.format(idx_dir=idx_dir), "--config.reg.lambda_w=-1", "--verbose"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert "Traceback" in result.stderr and "error: reg.lambda_w=-1.0" in result.stderr
+
+
+def test_workdir_lock(tmp_path, caplog):
+  workdir = str(tmp_path)
+  # A live process (not this one) holds the lock: refused, and its lock file is left alone.
+  with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as holder:
+    lock = {"pid": holder.pid, "host": socket.gethostname(), "since": "earlier"}
+    write_file(os.path.join(workdir, "lock"), json.dumps(lock).encode())
+    before = snapshot(workdir)
+    with pytest.raises(checkpoint.WorkdirBusy, match=rf"{workdir} is in use by process "
+                                                     rf"{holder.pid} on {socket.gethostname()}"):
+      with checkpoint.workdir_lock(workdir):
+        pass
+    assert snapshot(workdir) == before
+    holder.kill()
+  # Its process is gone: the lock is stale, taken over with a warning, and released after.
+  with caplog.at_level("WARNING"):
+    with checkpoint.workdir_lock(workdir):
+      with open(os.path.join(workdir, "lock")) as f:
+        assert json.load(f)["pid"] == os.getpid()
+  assert f"Taking over {workdir}/lock: its process {holder.pid}" in caplog.text
+  assert not os.path.exists(os.path.join(workdir, "lock"))

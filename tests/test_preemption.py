@@ -55,23 +55,48 @@ class Training:
     return "".join(self.lines[-60:])
 
 
-def test_sigterm_and_hard_kill_then_resume_end_bit_identical(idx_dir, reference_run, tmp_path):
+def stopped_by(signal_name, run):
+  """The step a run stopped by `signal_name` says it saved."""
+  stopped = re.search(rf"Stopped by {signal_name} after step (\d+) of 16; saved checkpoint (\d+)",
+                      run.log())
+  assert stopped, run.log()
+  assert stopped.group(1) == stopped.group(2)
+  return int(stopped.group(1))
+
+
+def test_signals_hard_kill_and_a_second_process_then_resume_end_bit_identical(
+    idx_dir, reference_run, tmp_path):
   _, reference_workdir, reference_results = reference_run
   workdir = str(tmp_path / "run")
   rng = random.Random()
 
   # SIGTERM at a random step of the first epoch: a checkpoint at the step reached, status 143.
-  sigterm_step = rng.randint(1, STEPS_PER_EPOCH - 2)
+  sigterm_step = rng.randint(1, STEPS_PER_EPOCH - 3)
   run = Training(idx_dir, workdir)
   run.wait_for_step(sigterm_step)
+  # Meanwhile a second process on the same workdir stops at once, saying who holds it.
+  second = subprocess.run(
+      [sys.executable, "-m", "qreg.main", f"--config=tests/fakes.py:{idx_dir}",
+       f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert second.returncode == 2, second.stderr[-3000:]
+  assert f"error: {workdir} is in use by process {run.process.pid}" in second.stderr
   run.process.send_signal(signal.SIGTERM)
   assert run.finish() == 143, run.log()
-  stopped = re.search(r"Stopped by SIGTERM after step (\d+) of 16; saved checkpoint (\d+)", run.log())
-  assert stopped, run.log()
-  saved_step = int(stopped.group(1))
+  saved_step = stopped_by("SIGTERM", run)
   assert sigterm_step <= saved_step < TOTAL_STEPS
   assert "Traceback" not in run.log()
   assert max(checkpoint_steps(workdir)) == saved_step, (sigterm_step, run.log())
+
+  # Resumed, then Ctrl-C (SIGINT): the same, with status 130.
+  run = Training(idx_dir, workdir)
+  sigint_step = rng.randint(saved_step + 1, STEPS_PER_EPOCH)
+  run.wait_for_step(sigint_step)
+  run.process.send_signal(signal.SIGINT)
+  assert run.finish() == 130, run.log()
+  assert f"Resumed from {workdir}/checkpoints at step {saved_step}." in run.log()
+  saved_step = stopped_by("SIGINT", run)
+  assert sigint_step <= saved_step < TOTAL_STEPS and "Traceback" not in run.log()
+  assert max(checkpoint_steps(workdir)) == saved_step, (sigint_step, run.log())
 
   # Resumed, then SIGKILLed just after a step that follows a checkpoint (4k + 1), in the
   # regularized epoch: the steps since that checkpoint are lost.
@@ -85,10 +110,12 @@ def test_sigterm_and_hard_kill_then_resume_end_bit_identical(idx_dir, reference_
   last_checkpoint = max(checkpoint_steps(workdir))
   assert last_checkpoint < kill_step, (sigterm_step, saved_step, kill_step, run.log())
 
-  # Rerun to the end: the same parameters, optimizer state and sweep as the uninterrupted run.
+  # Rerun to the end (taking over the killed run's stale lock): the same parameters, optimizer
+  # state and sweep as the uninterrupted run.
   run = Training(idx_dir, workdir)
   assert run.finish() == 0, run.log()
   assert f"Resumed from {workdir}/checkpoints at step {last_checkpoint}." in run.log()
+  assert f"Taking over {workdir}/lock" in run.log()
   step, state = latest_state(workdir)
   reference_step, reference_state = latest_state(reference_workdir)
   assert step == reference_step == TOTAL_STEPS
