@@ -21,10 +21,10 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top
 from qreg import report  # pylint: disable=g-import-not-at-top
 
 
-def _run_dirs(root: str) -> list[str]:
+def _run_dirs(root: str, results_name: str = "results.json") -> list[str]:
   """Run directories in the sweep's order (root/sweep.json), else in path order."""
   found = sorted(dirpath for dirpath, _, files in os.walk(root)
-                 if "run.json" in files and "results.json" in files)
+                 if "run.json" in files and results_name in files)
   sweep_file = os.path.join(root, "sweep.json")
   if not os.path.exists(sweep_file):
     return found
@@ -33,13 +33,13 @@ def _run_dirs(root: str) -> list[str]:
   return sorted(found, key=lambda d: order.get(d, len(order)))
 
 
-def collect(root: str) -> dict[str, list[dict]]:
+def collect(root: str, results_name: str = "results.json") -> dict[str, list[dict]]:
   """method -> [{"seed", "rows"}], in the order methods first appear."""
   by_method = collections.OrderedDict()
-  for dirpath in _run_dirs(root):
+  for dirpath in _run_dirs(root, results_name):
     with open(os.path.join(dirpath, "run.json")) as f:
       run = json.load(f)
-    with open(os.path.join(dirpath, "results.json")) as f:
+    with open(os.path.join(dirpath, results_name)) as f:
       results = json.load(f)
     labels = run.get("labels", {})
     method = labels.get("method", run["name"])
@@ -101,8 +101,8 @@ def plot(summary, settings, path: str) -> None:
   plt.close(fig)
 
 
-def make_tables(root: str, out: str) -> str:
-  summary, settings = summarize(collect(root))
+def make_tables(root: str, out: str, results_name: str = "results.json") -> str:
+  summary, settings = summarize(collect(root, results_name))
   os.makedirs(out, exist_ok=True)
   table = markdown(summary, settings)
   with open(os.path.join(out, "table.md"), "w") as f:
@@ -118,12 +118,14 @@ def make_tables(root: str, out: str) -> str:
 def _command_line() -> None:
   workdir = flags.DEFINE_string("workdir", None, "Root directory of a sweep.")
   out = flags.DEFINE_string("out", None, "Where to write the tables and plots (default: workdir).")
+  results_name = flags.DEFINE_string("results", "results.json",
+                                     "Each run's results file, e.g. results_strong.json.")
   flags.mark_flags_as_required(["workdir"])
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    print(make_tables(workdir.value, out.value or workdir.value))
+    print(make_tables(workdir.value, out.value or workdir.value, results_name.value))
 
   app.run(main)
 

@@ -31,13 +31,19 @@ from qreg import cli, data, train
 _METHOD_FIELDS = ("reg", "qat", "quant", "eval")
 
 
-def load_sweep(path: str):
-  """(get_config, runs) of a sweep config file."""
+def load_sweep_module(path: str):
+  """The sweep config file as a module."""
   spec = importlib.util.spec_from_file_location("sweep_config", path)
   if spec is None or not os.path.exists(path):
     raise FileNotFoundError(f"No sweep config at {path}.")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def load_sweep(path: str):
+  """(get_config, runs) of a sweep config file."""
+  module = load_sweep_module(path)
   if not hasattr(module, "sweep"):
     raise ValueError(f"{path} has no sweep() function listing its runs.")
   runs = module.sweep()

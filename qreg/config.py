@@ -94,9 +94,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.quant.num_calibration_batches = 10
   # When set, also report accuracy with one layer at a time quantized to this many bits.
   config.quant.sensitivity_bits = ml_collections.FieldReference(None, field_type=int)
+  # The strong protocol's steps (README, "Protocols"; configs/tables/protocols.py names the
+  # presets): the first and last kernel (in call order) at these bits, empirical bias
+  # correction on the calibration batches, AdaRound (Nagel et al. 2020) per layer.
+  config.quant.first_last_bits = ml_collections.FieldReference(None, field_type=int)
+  config.quant.bias_correction = False
+  config.quant.adaround = False
+  config.quant.adaround_iterations = 1000
+  config.quant.adaround_examples = 1024  # calibration images AdaRound reconstructs on
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500
+  # Where the sweep measures accuracy: 'test', or 'validation' (data.validation_size > 0)
+  # while choosing hyperparameters.
+  config.eval.split = "test"
   return config
 
 
@@ -165,7 +176,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
   for name, minimum in (("train.num_epochs", 1), ("train.log_every_steps", 1),
                         ("train.checkpoint_every_steps", 0), ("train.checkpoints_to_keep", 2),
-                        ("reg.start_epoch", 0), ("quant.num_calibration_batches", 1)):
+                        ("reg.start_epoch", 0), ("quant.num_calibration_batches", 1),
+                        ("quant.adaround_iterations", 0), ("quant.adaround_examples", 1)):
     _check_integer(name, field(config, name), minimum)
 
   parse_bit_settings(config.quant.bit_settings)
@@ -177,6 +189,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   quant.check_percentile(config.quant.percentile, "quant.percentile")
   quant.parse_weight_rules(config.quant.weight_rules)
   quant.check_bits(config.quant.sensitivity_bits, "quant.sensitivity_bits")
+  quant.check_bits(config.quant.first_last_bits, "quant.first_last_bits")
+  _check_choice("eval.split", config.eval.split, ("test", "validation"))
+  if config.eval.split == "validation" and not config.data.validation_size:
+    raise ValueError("eval.split='validation' needs data.validation_size > 0.")
 
   if (config.reg.start_epoch >= config.train.num_epochs
       and (config.reg.lambda_w != 0 or config.reg.lambda_a != 0)):

@@ -36,13 +36,17 @@ def export_workdir(workdir: str, weight_bits: int, out: str,
   config = checkpoint.read_run_config(workdir)
   _, variables = checkpoint.restore_variables(workdir)
   folded = quant.fold_batch_norm(variables["params"], variables["batch_stats"], BN_EPSILON)
-  setup = ptq.build_quant_setup(config.quant)
+  if config.quant.adaround or config.quant.bias_correction:
+    raise ValueError("qreg.export writes rounded-to-nearest kernels; quant.adaround and "
+                     "quant.bias_correction are not exported yet.")
+  model = models.build_model(config.model, data.num_classes(config.data.name))
+  setup = ptq.sweep_setup(config, model,
+                          data.image_shape(config.data.name, config.data.image_size))
   quant.check_rules_match(folded, setup.weight_rules)
   ranges = None
   if act_bits is not None:
     mesh = parallel.make_mesh()
     config_lib.validate(config, mesh.devices.size)
-    model = models.build_model(config.model, data.num_classes(config.data.name))
     evaluator = ptq.SweepEvaluator(model, data.build_input_pipeline(config.data), mesh, setup,
                                    config.eval.batch_size)
     ranges = evaluator.activation_ranges(setup.quantize_weights(folded, weight_bits), act_bits)

@@ -12,9 +12,11 @@ The sweep yields its rows as they are measured; callers print and write them.
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from qreg import config as config_lib
-from qreg import parallel, quant
+from qreg import parallel, quant, rounding
 from qreg.models import BN_EPSILON
 
 PyTree = Any
@@ -39,6 +41,13 @@ class QuantSetup:
   calibration: str = "minmax"
   percentile: float = 99.99
   num_calibration_batches: int = 10
+  # The strong protocol's steps (README, "Protocols"): bits of the first and last kernel
+  # (in call order), empirical bias correction, AdaRound.
+  first_last_bits: int | None = None
+  bias_correction: bool = False
+  adaround: bool = False
+  adaround_iterations: int = 1000
+  adaround_examples: int = 1024
 
   def quantize_weights(self, folded_params: PyTree, bits: int | None) -> PyTree:
     return quant.quantize_params(folded_params, bits, scheme=self.weight_scheme,
@@ -51,19 +60,58 @@ class QuantSetup:
 
   def describe(self) -> str:
     rules = [f"{r.pattern}={quant.setting_name(r.bits)}" for r in self.weight_rules]
+    steps = [name for name, on in (("bias correction", self.bias_correction),
+                                   (f"AdaRound ({self.adaround_iterations} iterations)",
+                                    self.adaround)) if on]
     return (f"{self.weight_scheme} {'per-channel' if self.per_channel else 'per-tensor'} weights"
-            f"{', rules ' + str(rules) if rules else ''}; "
+            f"{', rules ' + str(rules) if rules else ''}"
+            f"{', ' + ', '.join(steps) if steps else ''}; "
             f"{self.act_scheme} activations, {self.calibration} calibration")
 
 
-def build_quant_setup(quant_config: ml_collections.ConfigDict) -> QuantSetup:
-  """The QuantSetup of a validated config.quant (qreg.config.validate)."""
+def build_quant_setup(quant_config: ml_collections.ConfigDict,
+                      kernel_order: Sequence[str] = ()) -> QuantSetup:
+  """The QuantSetup of a validated config.quant (qreg.config.validate).
+
+  kernel_order lists the model's kernel paths in call order (kernel_call_order); with
+  quant.first_last_bits set, the first and the last get those bits ahead of the other rules.
+  """
+  rules = quant.parse_weight_rules(quant_config.weight_rules)
+  if quant_config.first_last_bits is not None and kernel_order:
+    ends = dict.fromkeys((kernel_order[0], kernel_order[-1]))
+    rules = tuple(quant.WeightRule(re.escape(path), quant_config.first_last_bits)
+                  for path in ends) + rules
   return QuantSetup(
       weight_scheme=quant_config.weight_scheme, per_channel=bool(quant_config.per_channel),
-      weight_rules=quant.parse_weight_rules(quant_config.weight_rules),
-      act_scheme=quant_config.act_scheme, calibration=quant_config.calibration,
-      percentile=float(quant_config.percentile),
-      num_calibration_batches=int(quant_config.num_calibration_batches))
+      weight_rules=rules, act_scheme=quant_config.act_scheme,
+      calibration=quant_config.calibration, percentile=float(quant_config.percentile),
+      num_calibration_batches=int(quant_config.num_calibration_batches),
+      first_last_bits=quant_config.first_last_bits,
+      bias_correction=bool(quant_config.bias_correction), adaround=bool(quant_config.adaround),
+      adaround_iterations=int(quant_config.adaround_iterations),
+      adaround_examples=int(quant_config.adaround_examples))
+
+
+def sweep_setup(config: ml_collections.ConfigDict, model, image_shape: Sequence[int]
+                ) -> QuantSetup:
+  """The QuantSetup of config.quant for this model (its first and last layer known)."""
+  return build_quant_setup(config.quant, kernel_call_order(model, image_shape))
+
+
+def kernel_call_order(model, image_shape: Sequence[int]) -> list[str]:
+  """The model's kernel paths in the order its layers run (params are created in call
+  order; a restored checkpoint's dicts may be sorted instead)."""
+
+  def walk(tree, prefix):
+    for key, value in tree.items():
+      if isinstance(value, Mapping):
+        yield from walk(value, prefix + (key,))
+      elif key == "kernel":
+        yield "/".join(prefix + (key,))
+
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                                             train=False))
+  return list(walk(shapes["params"], ()))
 
 
 def _replicate(tree: PyTree, mesh) -> PyTree:
@@ -124,6 +172,51 @@ def activation_ranges(samples: PyTree, bits: int, setup: QuantSetup) -> PyTree:
                       is_leaf=lambda x: isinstance(x, dict) and "samples" in x)
 
 
+def _capture_layer(model, params: PyTree, images: jax.Array, path: tuple[str, ...]):
+  """(input, output) of the module at `path` in the float-activation folded model."""
+  captured = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and context.module.path == path:
+      captured["io"] = (args[0], out)
+    return out
+
+  with nn.intercept_methods(interceptor):
+    model.apply({"params": params}, images, train=False)
+  return captured["io"]
+
+
+_capture_layer_jit = jax.jit(_capture_layer, static_argnums=(0, 3))
+
+
+def _layer_module(model, params: PyTree, images: jax.Array, path: tuple[str, ...]):
+  """The module at `path`, unbound, to apply on its own."""
+  found = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and context.module.path == path:
+      found["module"] = context.module.clone(parent=None)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda: model.apply({"params": params}, images[:1], train=False))
+  return found["module"]
+
+
+def _get(tree: PyTree, path: Sequence[str]) -> PyTree:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _with_leaf(tree: PyTree, path: Sequence[str], value) -> PyTree:
+  """A copy of the nested dict `tree` with the leaf at `path` replaced."""
+  if not path:
+    return value
+  return {**tree, path[0]: _with_leaf(tree[path[0]], path[1:], value)}
+
+
 class SweepEvaluator:
   """Accuracy of a folded model's quantized variants, compiling each model variant once.
 
@@ -134,6 +227,7 @@ class SweepEvaluator:
                split: str = "test"):
     self._model, self._pipeline, self._mesh = model, pipeline, mesh
     self.setup, self._batch_size, self._split = setup, batch_size, split
+    self.kernel_order = kernel_call_order(model, pipeline.info.image_shape)
     self._apply_fns = {}
 
   def _apply_fn(self, act_bits: int | None) -> Callable:
@@ -141,6 +235,64 @@ class SweepEvaluator:
       self._apply_fns[act_bits] = self._model.clone(
           folded=True, act_bits=act_bits, act_scheme=self.setup.act_scheme).apply
     return self._apply_fns[act_bits]
+
+  def calibration_images(self) -> np.ndarray:
+    """The calibration batches' images, the same global set on every process."""
+    return np.concatenate([
+        multihost_utils.process_allgather(batch["image"], tiled=True)
+        for batch in parallel.prefetch_to_mesh(
+            self._pipeline.eval_batches(self._batch_size, split="train",
+                                        num_batches=self.setup.num_calibration_batches),
+            self._mesh)])
+
+  def _layer_outputs(self, params: PyTree, images: np.ndarray, path: tuple[str, ...],
+                     want: int) -> jax.Array:
+    """The layer's input (want=0) or output (want=1) on images, in chunks of the eval batch."""
+    model = self._model.clone(folded=True)
+    return jnp.concatenate([
+        _capture_layer_jit(model, params, images[i:i + self._batch_size], path)[want]
+        for i in range(0, len(images), self._batch_size)])
+
+  def quantized_weights(self, folded_params: PyTree, bits: int | None
+                        ) -> tuple[PyTree, dict[str, float]]:
+    """The folded params with kernels at `bits` (rules applied): rounded to nearest or by
+    AdaRound, then bias-corrected, as the setup says; and the seconds each step took."""
+    qparams = self.setup.quantize_weights(folded_params, bits)
+    if bits is None or not (self.setup.adaround or self.setup.bias_correction):
+      return qparams, {}
+    times = {}
+    images = self.calibration_images()
+    layers = [(tuple(path.split("/")[:-1]), layer_bits) for path in self.kernel_order
+              if (layer_bits := quant.weight_bits_for(tuple(path.split("/")), bits,
+                                                      self.setup.weight_rules)) is not None]
+    if self.setup.adaround:
+      start = time.time()
+      for layer, layer_bits in layers:
+        qparams = self._adaround_layer(folded_params, qparams, images, layer, layer_bits)
+      times["adaround_seconds"] = time.time() - start
+    if self.setup.bias_correction:
+      start = time.time()
+      for layer, _ in layers:
+        correction = rounding.bias_correction(self._layer_outputs(folded_params, images, layer, 1),
+                                              self._layer_outputs(qparams, images, layer, 1))
+        bias_path = layer + ("bias",)
+        qparams = _with_leaf(qparams, bias_path, _get(qparams, bias_path) - correction)
+      times["bias_correction_seconds"] = time.time() - start
+    return qparams, times
+
+  def _adaround_layer(self, folded_params: PyTree, qparams: PyTree, images: np.ndarray,
+                      layer: tuple[str, ...], bits: int) -> PyTree:
+    """qparams with the layer's kernel rounded by AdaRound, on its inputs in the model whose
+    earlier layers are already quantized (float activations)."""
+    images = images[:self.setup.adaround_examples]
+    inputs = self._layer_outputs(qparams, images, layer, 0)
+    module = _layer_module(self._model.clone(folded=True), folded_params, images, layer)
+    layer_params = _get(folded_params, layer)
+    apply_layer = lambda kernel, x: module.apply({"params": {**layer_params, "kernel": kernel}}, x)
+    result = rounding.adaround_layer(
+        apply_layer, layer_params["kernel"], inputs, bits, scheme=self.setup.weight_scheme,
+        per_channel=self.setup.per_channel, num_iterations=self.setup.adaround_iterations)
+    return _with_leaf(qparams, layer + ("kernel",), quant.dequantize(result.quantized))
 
   def calibration_samples(self, qparams: PyTree) -> PyTree:
     return collect_activation_samples(
@@ -171,13 +323,15 @@ class SweepEvaluator:
 def evaluate_bit_settings(evaluator: SweepEvaluator, folded_params: PyTree,
                           settings: Sequence[config_lib.BitSetting]) -> Iterator[Row]:
   """Yields the accuracy row of the folded model at each (weight_bits, act_bits) setting."""
-  samples_by_weight_bits = {}
+  weights_by_bits, samples_by_bits = {}, {}
   for weight_bits, act_bits in settings:
-    qparams = evaluator.setup.quantize_weights(folded_params, weight_bits)
-    if act_bits is not None and weight_bits not in samples_by_weight_bits:
-      samples_by_weight_bits[weight_bits] = evaluator.calibration_samples(qparams)
-    acc = evaluator.accuracy(qparams, act_bits, samples_by_weight_bits.get(weight_bits))
-    yield {"weight_bits": weight_bits, "act_bits": act_bits, "accuracy": acc}
+    if weight_bits not in weights_by_bits:
+      weights_by_bits[weight_bits] = evaluator.quantized_weights(folded_params, weight_bits)
+    qparams, times = weights_by_bits[weight_bits]
+    if act_bits is not None and weight_bits not in samples_by_bits:
+      samples_by_bits[weight_bits] = evaluator.calibration_samples(qparams)
+    acc = evaluator.accuracy(qparams, act_bits, samples_by_bits.get(weight_bits))
+    yield {"weight_bits": weight_bits, "act_bits": act_bits, "accuracy": acc, **times}
 
 
 def layer_sensitivity(evaluator: SweepEvaluator, folded_params: PyTree, bits: int) -> Iterator[Row]:
@@ -193,10 +347,11 @@ def sweep(config: ml_collections.ConfigDict, model, params: PyTree, batch_stats:
           pipeline, mesh) -> Iterator[tuple[str, Row]]:
   """The sweep of config.quant on one trained model: yields ('rows', row) for each bit
   setting, then ('sensitivity', row) for each layer when quant.sensitivity_bits is set."""
-  setup = build_quant_setup(config.quant)
+  setup = sweep_setup(config, model, pipeline.info.image_shape)
   folded_params = quant.fold_batch_norm(params, batch_stats, BN_EPSILON)
   quant.check_rules_match(folded_params, setup.weight_rules)
-  evaluator = SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size)
+  evaluator = SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size,
+                             config.eval.split)
   for row in evaluate_bit_settings(evaluator, folded_params,
                                    config_lib.parse_bit_settings(config.quant.bit_settings)):
     yield "rows", row

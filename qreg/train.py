@@ -204,7 +204,7 @@ def sweep_and_write(config: ml_collections.ConfigDict, model, variables: PyTree,
   """The quantization sweep of a trained model, printed as it runs and written to workdir."""
   results = report.collect_sweep(
       ptq.sweep(config, model, variables["params"], variables["batch_stats"], pipeline, mesh),
-      ptq.build_quant_setup(config.quant).describe())
+      ptq.sweep_setup(config, model, pipeline.info.image_shape).describe())
   results.update(config=json.loads(config.to_json_best_effort()), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), step=step)
   report.write_results(results, workdir)
   return results
@@ -312,10 +312,11 @@ def _train(config, workdir, mesh, pipeline, model, optimizer, method_step, steps
           writer.write_scalars(done, {f"train/{k}": v for k, v in summary.items()})
           window = []
         if last_in_epoch:
-          test_accuracy = ptq.accuracy(
+          # eval.split: never the test set while hyperparameters are being chosen.
+          eval_accuracy = ptq.accuracy(
               model.apply, {"params": state.params, "batch_stats": state.batch_stats},
-              pipeline.eval_batches(config.eval.batch_size), mesh)
-          writer.write_scalars(done, {"test/accuracy": test_accuracy,
+              pipeline.eval_batches(config.eval.batch_size, split=config.eval.split), mesh)
+          writer.write_scalars(done, {f"{config.eval.split}/accuracy": eval_accuracy,
                                       "epoch": done / steps_per_epoch})
         if save:
           # config.json describes the checkpoints next to it: (re)written with this run's first.

@@ -11,7 +11,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     # core: pure, no I/O but data
-    "quant", "parallel", "models", "objectives", "tfds_data", "data",
+    "quant", "rounding", "parallel", "models", "objectives", "tfds_data", "data",
     # results files, metric logs
     "report", "metrics",
     # config validation, post-training quantization, the export format

@@ -80,14 +80,14 @@ def test_qat_gradient_is_straight_through():
   chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_method_config_validation():
-  config = tiny_config("/nonexistent")
+def test_method_config_validation(tmp_path):
+  config = tiny_config(str(tmp_path))
   model = SmallCNN()
   optimizer = train.build_optimizer(config.optim, 10, 5)
   for field, value, message in [("reg.norm", "l3", "Unknown reg.norm"),
                                 ("reg.lambda_kurtosis", -1.0, "lambda_kurtosis"),
                                 ("qat.weight_bits", 1, r"qat.weight_bits=1")]:
-    bad = tiny_config("/nonexistent")
+    bad = tiny_config(str(tmp_path))
     section, key = field.split(".")
     bad[section][key] = value
     with pytest.raises(ValueError, match=message):
@@ -99,7 +99,7 @@ def test_method_config_validation():
 @pytest.mark.parametrize("table", ["fashion_mnist", "cifar10_vgg", "cifar10_resnet18",
                                    "imagenet_resnet18", "fashion_mnist_ablations",
                                    "fashion_mnist_impls"])
-def test_table_configs_list_valid_runs(table):
+def test_table_configs_list_valid_runs(table, tmp_path):
   get_config, runs = run_sweep.load_sweep(os.path.join(REPO, "configs", "tables", f"{table}.py"))
   if table not in ("fashion_mnist_ablations", "fashion_mnist_impls"):
     assert {r["labels"]["method"] for r in runs} == {"no-reg", "l2", "l1", "ste-qat@4", "kure"}
@@ -107,6 +107,8 @@ def test_table_configs_list_valid_runs(table):
   model = SmallCNN()
   for run in runs:
     config = run_sweep.run_config(get_config, run)
+    if config.data.source == "idx":
+      config.data.data_dir = str(tmp_path)  # validated without the real files
     optimizer = train.build_optimizer(config.optim, 10, 5)
     step = train.build_method_step(config, model, optimizer)
     assert (step is None) == (run["labels"]["method"] == "no-reg")

@@ -74,13 +74,16 @@ def test_signals_hard_kill_and_a_second_process_then_resume_end_bit_identical(
   sigterm_step = rng.randint(1, STEPS_PER_EPOCH - 3)
   run = Training(idx_dir, workdir)
   run.wait_for_step(sigterm_step)
-  # Meanwhile a second process on the same workdir stops at once, saying who holds it.
+  # Meanwhile (the run paused mid-training, so that it cannot finish first) a second process
+  # on the same workdir stops at once, saying who holds it.
+  run.process.send_signal(signal.SIGSTOP)
   second = subprocess.run(
       [sys.executable, "-m", "qreg.main", f"--config=tests/fakes.py:{idx_dir}",
        f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert second.returncode == 2, second.stderr[-3000:]
   assert f"error: {workdir} is in use by process {run.process.pid}" in second.stderr
   run.process.send_signal(signal.SIGTERM)
+  run.process.send_signal(signal.SIGCONT)
   assert run.finish() == 143, run.log()
   saved_step = stopped_by("SIGTERM", run)
   assert sigterm_step <= saved_step < TOTAL_STEPS

@@ -1,25 +1,49 @@
-"""Flax Linen models, built from a config by `build_model`."""
+"""Flax Linen models, built from a config by `build_model`; `register_model` adds your own.
+
+A model qreg can train, fold, sweep and export (README, "Add your own model"):
+- its __call__(x, train: bool) returns logits;
+- it has the fields act_bits, act_scheme, act_straight_through and folded,
+  which qreg sets with `model.clone(...)` for the sweep and for QAT;
+- every conv/dense layer that BatchNorm follows is a ConvBN/DenseBN block,
+  built with folded=self.folded (qreg.quant.fold_batch_norm's convention);
+- every activation to quantize passes through activation_tap(self, name).
+"""
+from collections.abc import Callable
+
 from qreg.models.convnets import ConvNet, SmallCNN, VGGLike
 from qreg.models.layers import BN_EPSILON
 from qreg.models.resnet import ResNet18
 
-MODELS = ("small_cnn", "vgg_like", "resnet18")
 RESNET_STEMS = ("cifar", "imagenet")
+# name -> (model_config, num_classes) -> the float, unfolded model.
+_BUILDERS: dict[str, Callable] = {
+    "small_cnn": lambda model_config, num_classes: SmallCNN(num_classes=num_classes),
+    "vgg_like": lambda model_config, num_classes: VGGLike(num_classes=num_classes),
+    "resnet18": lambda model_config, num_classes: ResNet18(num_classes=num_classes,
+                                                           stem=model_config.stem),
+}
+MODELS = tuple(_BUILDERS)
+
+
+def register_model(name: str, build: Callable) -> None:
+  """Makes `model.name=name` build `build(model_config, num_classes)`."""
+  global MODELS
+  if name in _BUILDERS:
+    raise ValueError(f"A model named {name!r} is already registered.")
+  _BUILDERS[name] = build
+  MODELS = tuple(_BUILDERS)
+
+
+def unregister_model(name: str) -> None:
+  global MODELS
+  del _BUILDERS[name]
+  MODELS = tuple(_BUILDERS)
 
 
 def build_model(model_config, num_classes: int):
-  """Returns the float, unfolded model named by model_config.name."""
-  name = model_config.name
-  if name == "small_cnn":
-    return SmallCNN(num_classes=num_classes)
-  if name == "vgg_like":
-    return VGGLike(num_classes=num_classes)
-  if name == "resnet18":
-    stem = model_config.get("stem", "cifar")
-    if stem not in RESNET_STEMS:
-      raise ValueError(f"Unknown model.stem {stem!r}; expected one of {RESNET_STEMS}.")
-    return ResNet18(num_classes=num_classes, stem=stem)
-  raise ValueError(f"Unknown model {name!r}; expected one of {MODELS}.")
+  """The float, unfolded model named by a validated model_config.name."""
+  return _BUILDERS[model_config.name](model_config, num_classes)
 
 
-__all__ = ["BN_EPSILON", "ConvNet", "MODELS", "RESNET_STEMS", "ResNet18", "SmallCNN", "VGGLike", "build_model"]
+__all__ = ["BN_EPSILON", "ConvNet", "MODELS", "RESNET_STEMS", "ResNet18", "SmallCNN", "VGGLike",
+           "build_model", "register_model", "unregister_model"]

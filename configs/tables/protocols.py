@@ -1,0 +1,28 @@
+"""Post-training quantization protocols as config overrides (README, "Protocols").
+
+- paper: the paper's setting and qreg's default: symmetric per-tensor weights,
+  min-max activation ranges, every layer at the sweep's bits.
+- strong: per-channel weights, MSE-optimal activation ranges, the first and
+  last layer at 8 bits, empirical bias correction.
+- strong+adaround: strong with AdaRound rounding (Nagel et al. 2020).
+
+LADDER adds one step at a time, to show what each buys.
+"""
+PAPER = {}
+STRONG = {"quant.per_channel": True, "quant.calibration": "mse", "quant.first_last_bits": 8,
+          "quant.bias_correction": True}
+STRONG_ADAROUND = {**STRONG, "quant.adaround": True}
+PROTOCOLS = {"paper": PAPER, "strong": STRONG, "strong+adaround": STRONG_ADAROUND}
+
+LADDER = [
+    ("paper", {}),
+    ("+ per-channel", {"quant.per_channel": True}),
+    ("+ MSE ranges", {"quant.calibration": "mse"}),
+    ("+ 8-bit first/last", {"quant.first_last_bits": 8}),
+    ("+ bias correction", {"quant.bias_correction": True}),
+    ("+ AdaRound", {"quant.adaround": True}),
+]
+# Down to 2 bits: the strong protocol moves where methods differ to lower widths.
+LOW_BIT_SETTINGS = ((None, None), (8, 8), (6, 6), (5, 5), (4, 4), (3, 3), (2, 2),
+                    (4, None), (None, 4), (2, 8), (2, None))
+LADDER_BIT_SETTINGS = ((4, 4), (3, 3), (2, 2), (2, 8), (4, None), (2, None))

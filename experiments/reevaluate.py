@@ -1,0 +1,103 @@
+"""Re-runs the quantization sweep of trained runs under another PTQ protocol, no retraining.
+
+    python -m experiments.reevaluate --workdir=<sweep root> --protocol=strong
+        writes <run>/results_strong.json for every finished run (make_tables --results=...)
+    python -m experiments.reevaluate --ladder --workdirs=<no-reg run>,<l1 run> --labels=no-reg,l1 \
+        --out=<dir>
+        the protocol ladder (configs/tables/protocols.py LADDER): one row per added step
+
+Each run's own config.json gives the model, data and calibration; the
+protocol's overrides (configs/tables/protocols.py) change only config.quant.
+"""
+import json
+import os
+import time
+
+from absl import app, flags
+
+from configs.tables import protocols
+from qreg import checkpoint, cli, data, models, parallel, ptq, report
+from qreg import config as config_lib
+from qreg.quant import setting_name
+
+
+def protocol_results(workdir: str, overrides: dict, bit_settings=None) -> dict:
+  """The sweep of a trained workdir under config.quant overrides (results dict, not written)."""
+  config = checkpoint.read_run_config(workdir)
+  with config.unlocked():
+    for field, value in overrides.items():
+      section, key = field.split(".")
+      config[section][key] = value
+    if bit_settings is not None:
+      config.quant.bit_settings = tuple(bit_settings)
+  mesh = parallel.make_mesh()
+  config_lib.validate(config, mesh.devices.size)
+  _, variables = checkpoint.restore_variables(workdir)
+  pipeline = data.build_input_pipeline(config.data)
+  model = models.build_model(config.model, pipeline.info.num_classes)
+  start = time.time()
+  results = report.collect_sweep(
+      ptq.sweep(config, model, variables["params"], variables["batch_stats"], pipeline, mesh),
+      ptq.sweep_setup(config, model, pipeline.info.image_shape).describe())
+  results.update(overrides=overrides, seconds=time.time() - start,
+                 split=config.eval.split, config=json.loads(config.to_json_best_effort()))
+  return results
+
+
+def reevaluate_sweep(root: str, protocol: str) -> None:
+  """results_<protocol>.json beside every finished run's results.json under root."""
+  name = f"results_{protocol.replace('+', '_')}.json"
+  for dirpath, _, files in sorted(os.walk(root)):
+    if "run.json" not in files or "results.json" not in files or name in files:
+      continue
+    print(f"=== {os.path.relpath(dirpath, root)}: {protocol} ===", flush=True)
+    results = protocol_results(dirpath, protocols.PROTOCOLS[protocol])
+    with open(os.path.join(dirpath, name), "w") as f:
+      json.dump(results, f, indent=2)
+
+
+def ladder(workdirs: list[str], labels: list[str], out: str) -> str:
+  """The LADDER's cumulative protocols on each workdir: ladder.json and ladder.md in out."""
+  os.makedirs(out, exist_ok=True)
+  rows, overrides = [], {}
+  for step_name, step in protocols.LADDER:
+    overrides = {**overrides, **step}
+    for workdir, label in zip(workdirs, labels):
+      results = protocol_results(workdir, overrides, protocols.LADDER_BIT_SETTINGS)
+      rows.append({"protocol": step_name, "run": label, "overrides": overrides,
+                   "seconds": results["seconds"], "rows": results["rows"]})
+      with open(os.path.join(out, "ladder.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+  settings = [(r["weight_bits"], r["act_bits"]) for r in rows[0]["rows"]]
+  lines = ["| protocol | run | " + " | ".join(f"W{setting_name(w)}A{setting_name(a)}"
+                                             for w, a in settings) + " | sweep time (s) |",
+           "|---|---|" + "---|" * (len(settings) + 1)]
+  for row in rows:
+    accuracy = {(r["weight_bits"], r["act_bits"]): r["accuracy"] for r in row["rows"]}
+    lines.append(f"| {row['protocol']} | {row['run']} | "
+                 + " | ".join(f"{100 * accuracy[s]:.2f}" for s in settings)
+                 + f" | {row['seconds']:.0f} |")
+  table = "\n".join(lines) + "\n"
+  with open(os.path.join(out, "ladder.md"), "w") as f:
+    f.write(table)
+  return table
+
+
+def main(argv):
+  del argv
+  cli.configure_logging()
+  if _LADDER.value:
+    labels = _LABELS.value or [os.path.basename(os.path.normpath(w)) for w in _WORKDIRS.value]
+    print(ladder(_WORKDIRS.value, labels, _OUT.value))
+  else:
+    reevaluate_sweep(_WORKDIR.value, _PROTOCOL.value)
+
+
+if __name__ == "__main__":
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A sweep root (reevaluate every finished run).")
+  _PROTOCOL = flags.DEFINE_enum("protocol", "strong", list(protocols.PROTOCOLS), "Protocol.")
+  _LADDER = flags.DEFINE_bool("ladder", False, "Run the protocol ladder on --workdirs instead.")
+  _WORKDIRS = flags.DEFINE_list("workdirs", None, "Trained workdirs, for --ladder.")
+  _LABELS = flags.DEFINE_list("labels", None, "One label per workdir.")
+  _OUT = flags.DEFINE_string("out", None, "Output directory, for --ladder.")
+  app.run(main)

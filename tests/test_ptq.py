@@ -1,0 +1,85 @@
+"""The strong protocol's steps inside the sweep: first/last-layer bits, bias correction, AdaRound."""
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from qreg import config as config_lib
+from qreg import data, parallel, ptq, quant
+from qreg.models import BN_EPSILON, SmallCNN
+from tests.fakes import fake_split
+
+MODEL = SmallCNN(widths=(4, 8, 8), hidden=16)
+
+
+@pytest.fixture(scope="module")
+def folded_and_evaluator():
+  splits = {name: {**split, "image": split["image"][..., None]}
+            for name, split in (("train", fake_split(64, seed=1)), ("test", fake_split(16, seed=2)))}
+  pipeline = data.pipeline_from_arrays("fashion_mnist", splits)
+  variables = MODEL.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
+  stats = jax.tree.map(lambda v: v + 0.2, variables["batch_stats"])
+  folded = quant.fold_batch_norm(variables["params"], stats, BN_EPSILON)
+
+  def evaluator(**setup_fields):
+    setup = ptq.QuantSetup(num_calibration_batches=4, **setup_fields)
+    return ptq.SweepEvaluator(MODEL, pipeline, parallel.make_mesh(), setup, batch_size=16)
+
+  return folded, evaluator
+
+
+def test_kernel_call_order_and_first_last_rules():
+  order = ptq.kernel_call_order(MODEL, (28, 28, 1))
+  assert order == ["conv1/conv/kernel", "conv2/conv/kernel", "conv3/conv/kernel",
+                   "fc1/dense/kernel", "head/kernel"]
+  quant_config = config_lib.base_config().quant  # the defaults, with first/last at 8 bits
+  quant_config.first_last_bits = 8
+  setup = ptq.build_quant_setup(quant_config, order)
+  assert [quant.weight_bits_for(tuple(p.split("/")), 3, setup.weight_rules) for p in order] == [
+      8, 3, 3, 3, 8]
+
+
+def layer_outputs(params, images):
+  """{layer path: output} of every conv/dense layer, by flax's capture_intermediates."""
+  _, state = MODEL.clone(folded=True).apply(
+      {"params": params}, images, train=False,
+      capture_intermediates=lambda module, name: isinstance(module, (nn.Conv, nn.Dense)))
+  flat = jax.tree_util.tree_leaves_with_path(state["intermediates"])
+  return {"/".join(quant.path_names(path)[:-2]): out for path, out in flat}
+
+
+def test_bias_correction_removes_every_layers_mean_output_shift(folded_and_evaluator):
+  folded, evaluator = folded_and_evaluator
+  plain = evaluator()
+  corrected = evaluator(bias_correction=True)
+  images = corrected.calibration_images()
+  float_out = layer_outputs(folded, images)
+  for ev, small in ((plain, False), (corrected, True)):
+    qparams, _ = ev.quantized_weights(folded, 3)
+    quant_out = layer_outputs(qparams, images)
+    for layer in float_out:
+      diff = np.asarray(quant_out[layer] - float_out[layer], np.float64)
+      channels = diff.shape[-1]
+      shift = [np.mean(diff[..., c]) for c in range(channels)]  # a naive loop over channels
+      scale = np.abs(np.asarray(float_out[layer])).mean()
+      if small:
+        assert np.max(np.abs(shift)) < 1e-4 * max(scale, 1.0), layer
+      elif layer == "conv2/conv":
+        assert np.max(np.abs(shift)) > 1e-3 * scale  # there was a shift to remove
+
+
+def test_adaround_codes_are_floor_or_ceil_and_reconstruct_no_worse(folded_and_evaluator):
+  folded, evaluator = folded_and_evaluator
+  nearest, _ = evaluator().quantized_weights(folded, 3)
+  rounded, times = evaluator(adaround=True, adaround_iterations=200, adaround_examples=32,
+                             per_channel=True).quantized_weights(folded, 3)
+  assert times["adaround_seconds"] > 0
+  for path in ptq.kernel_call_order(MODEL, (28, 28, 1)):
+    keys = path.split("/")
+    w = np.asarray(ptq._get(folded, keys))
+    q = quant.quantize_to_integers(w, 3, "symmetric", channel_axis=-1)
+    codes = np.round(np.asarray(ptq._get(rounded, keys)) / np.asarray(q.scale))
+    ratio = w / np.asarray(q.scale)
+    assert np.all((codes == np.floor(ratio)) | (codes == np.ceil(ratio))
+                  | (np.abs(codes) == 3)), path
+  del nearest
