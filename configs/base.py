@@ -21,6 +21,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "small_cnn"
   config.model.stem = "cifar"  # resnet18 only: 'cifar' or 'imagenet'
+  # Channel multiplier (and VGG's hidden FC width); 1.0 = the published architectures.
+  # mobilenetv2 rounds to multiples of 8 and widens its last conv only above 1.0.
+  config.model.width = 1.0
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "sgd"
