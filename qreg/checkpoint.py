@@ -25,7 +25,7 @@ from qreg import config as config_lib
 PyTree = Any
 # Config fields that a checkpoint's array shapes depend on (data.name: input channels and
 # classes); a workdir's checkpoints only resume under the same values.
-CHECKPOINT_SHAPE_FIELDS = ("data.name", "model.name", "model.stem", "optim.name")
+CHECKPOINT_SHAPE_FIELDS = ("data.name", "model.name", "model.stem", "model.width", "optim.name")
 
 
 class CheckpointError(RuntimeError):

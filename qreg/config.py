@@ -40,7 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "small_cnn"
-  config.model.stem = "cifar"  # resnet18 only: 'cifar' or 'imagenet'
+  config.model.stem = "cifar"  # resnet18 and mobilenetv2: 'cifar' or 'imagenet'
+  # Channel multiplier (and VGG's hidden FC width); 1.0 = the published architectures.
+  config.model.width = 1.0
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "sgd"
@@ -157,8 +159,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   parallel.check_batch_size(config.eval.batch_size, num_devices, "eval.batch_size")
 
   _check_choice("model.name", config.model.name, models.MODELS, "model")
-  if config.model.name == "resnet18":
-    _check_choice("model.stem", config.model.stem, models.RESNET_STEMS)
+  if config.model.name in models.STEM_MODELS:
+    _check_choice("model.stem", config.model.stem, models.STEMS)
+  _check_number("model.width", config.model.width, positive=True)
 
   _check_choice("optim.name", config.optim.name, OPTIMIZERS)
   _check_choice("optim.schedule", config.optim.schedule, SCHEDULES)

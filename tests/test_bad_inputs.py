@@ -42,7 +42,7 @@ def snapshot(directory) -> dict[str, str]:
     ("eval.batch_size", 10, r"eval.batch_size=10 must be a positive multiple of the number of "
                             r"devices \(4\)"),
     ("model.name", "alexnet", r"Unknown model 'alexnet'; expected one of \('small_cnn', "
-                              r"'vgg_like', 'resnet18'\)"),
+                              r"'vgg_like', 'resnet18', 'mobilenetv2'\)"),
     ("model.stem", "tiny", r"Unknown model.stem 'tiny'; expected one of \('cifar', 'imagenet'\)"),
     ("optim.name", "lion", r"Unknown optim.name 'lion'; expected one of \('sgd', 'adam', 'adamw'\)"),
     ("optim.schedule", "linear", r"Unknown optim.schedule 'linear'; expected one of "

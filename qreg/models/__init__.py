@@ -12,16 +12,23 @@ from collections.abc import Callable
 
 from qreg.models.convnets import ConvNet, SmallCNN, VGGLike
 from qreg.models.layers import BN_EPSILON
+from qreg.models.mobilenet import MobileNetV2
 from qreg.models.resnet import ResNet18
 
-RESNET_STEMS = ("cifar", "imagenet")
-# name -> (model_config, num_classes) -> the float, unfolded model.
+# model.stem of the models that have one (resnet18, mobilenetv2).
+STEMS = ("cifar", "imagenet")
+# name -> (model_config, num_classes) -> the float, unfolded model (model.width scales channels).
 _BUILDERS: dict[str, Callable] = {
-    "small_cnn": lambda model_config, num_classes: SmallCNN(num_classes=num_classes),
-    "vgg_like": lambda model_config, num_classes: VGGLike(num_classes=num_classes),
-    "resnet18": lambda model_config, num_classes: ResNet18(num_classes=num_classes,
-                                                           stem=model_config.stem),
+    "small_cnn": lambda c, num_classes: SmallCNN(num_classes=num_classes,
+                                                 width_multiplier=c.width),
+    "vgg_like": lambda c, num_classes: VGGLike(num_classes=num_classes, width_multiplier=c.width),
+    "resnet18": lambda c, num_classes: ResNet18(num_classes=num_classes, stem=c.stem,
+                                                width_multiplier=c.width),
+    "mobilenetv2": lambda c, num_classes: MobileNetV2(num_classes=num_classes, stem=c.stem,
+                                                      width_multiplier=c.width),
 }
+# Those with a model.stem.
+STEM_MODELS = ("resnet18", "mobilenetv2")
 MODELS = tuple(_BUILDERS)
 
 
@@ -45,5 +52,5 @@ def build_model(model_config, num_classes: int):
   return _BUILDERS[model_config.name](model_config, num_classes)
 
 
-__all__ = ["BN_EPSILON", "ConvNet", "MODELS", "RESNET_STEMS", "ResNet18", "SmallCNN", "VGGLike",
-           "build_model", "register_model", "unregister_model"]
+__all__ = ["BN_EPSILON", "ConvNet", "MODELS", "MobileNetV2", "ResNet18", "STEMS", "STEM_MODELS",
+           "SmallCNN", "VGGLike", "build_model", "register_model", "unregister_model"]

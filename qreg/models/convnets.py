@@ -1,7 +1,7 @@
 """Plain BatchNorm conv nets: a small CNN for 28x28 inputs and the CIFAR-10 "VGG-like" net."""
 import flax.linen as nn
 
-from qreg.models.layers import ConvBN, DenseBN, activation_tap
+from qreg.models.layers import ConvBN, DenseBN, activation_tap, scaled_channels
 
 
 class ConvNet(nn.Module):
@@ -10,6 +10,7 @@ class ConvNet(nn.Module):
   widths: tuple[int, ...] = (16, 32, 64)
   pool_after: tuple[bool, ...] = (True, True, False)
   hidden: int = 128
+  width_multiplier: float = 1.0  # scales widths and hidden
   act_bits: int | None = None
   act_scheme: str = "asymmetric"
   act_straight_through: bool = False
@@ -20,12 +21,14 @@ class ConvNet(nn.Module):
     if len(self.pool_after) != len(self.widths):
       raise ValueError(f"pool_after {self.pool_after} must have one entry per width {self.widths}.")
     for i, (width, pool) in enumerate(zip(self.widths, self.pool_after)):
-      x = ConvBN(width, folded=self.folded, name=f"conv{i + 1}")(x, train)
+      x = ConvBN(scaled_channels(width, self.width_multiplier), folded=self.folded,
+                 name=f"conv{i + 1}")(x, train)
       x = activation_tap(self, f"act{i + 1}")(nn.relu(x))
       if pool:
         x = nn.max_pool(x, (2, 2), (2, 2))
     x = x.reshape((x.shape[0], -1))
-    x = DenseBN(self.hidden, folded=self.folded, name="fc1")(x, train)
+    x = DenseBN(scaled_channels(self.hidden, self.width_multiplier), folded=self.folded,
+                name="fc1")(x, train)
     x = activation_tap(self, f"act{len(self.widths) + 1}")(nn.relu(x))
     return nn.Dense(self.num_classes, name="head")(x)
 

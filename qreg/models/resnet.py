@@ -1,7 +1,7 @@
 """ResNet-18 (He et al. 2016) with a CIFAR stem (3x3 conv, no pool) or an ImageNet stem (7x7/2 + max-pool)."""
 import flax.linen as nn
 
-from qreg.models.layers import ConvBN, activation_tap
+from qreg.models.layers import ConvBN, activation_tap, scaled_channels
 
 
 class BasicBlock(nn.Module):
@@ -28,6 +28,7 @@ class ResNet18(nn.Module):
   stem: str = "cifar"
   widths: tuple[int, ...] = (64, 128, 256, 512)
   blocks_per_stage: int = 2
+  width_multiplier: float = 1.0  # scales widths
   act_bits: int | None = None
   act_scheme: str = "asymmetric"
   act_straight_through: bool = False
@@ -35,16 +36,17 @@ class ResNet18(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    widths = [scaled_channels(width, self.width_multiplier) for width in self.widths]
     if self.stem == "cifar":
-      x = ConvBN(self.widths[0], folded=self.folded, name="stem")(x, train)
+      x = ConvBN(widths[0], folded=self.folded, name="stem")(x, train)
       x = activation_tap(self, "stem_act")(nn.relu(x))
     elif self.stem == "imagenet":
-      x = ConvBN(self.widths[0], (7, 7), (2, 2), folded=self.folded, name="stem")(x, train)
+      x = ConvBN(widths[0], (7, 7), (2, 2), folded=self.folded, name="stem")(x, train)
       x = activation_tap(self, "stem_act")(nn.relu(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
     else:
       raise ValueError(f"Unknown ResNet stem {self.stem!r}; expected 'cifar' or 'imagenet'.")
-    for stage, width in enumerate(self.widths):
+    for stage, width in enumerate(widths):
       for block in range(self.blocks_per_stage):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(width, strides, self.act_bits, self.act_scheme,

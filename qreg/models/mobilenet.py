@@ -1,0 +1,98 @@
+"""MobileNetV2 (Sandler et al. 2018): inverted residual blocks with linear bottlenecks.
+
+Two stems:
+- 'imagenet': the paper's network for 224x224 inputs, total stride 32 (7x7 final map);
+- 'cifar': for 28x28 / 32x32 inputs, the stem conv and the first stride-2 stage
+  (24 channels) at stride 1, as in kuangliu/pytorch-cifar: total stride 8, so
+  32x32 and 28x28 inputs both end in a 4x4 map.
+Every conv is a ConvBN block (the depthwise ones too), so BatchNorm folds away
+as in the other models. Activations are tapped after each ReLU6 (unsigned:
+the model's act_scheme) and at each linear bottleneck output and residual sum
+(signed: always symmetric), the points an integer MobileNetV2 requantizes.
+No dropout before the head, like qreg's other models.
+"""
+import flax.linen as nn
+
+from qreg.models.layers import ConvBN, activation_tap
+
+# (expansion t, output channels c, blocks n, stride s of the first block):
+# Sandler et al. 2018, table 2.
+INVERTED_RESIDUAL_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                            (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+STEM_CHANNELS = 32
+LAST_CHANNELS = 1280
+# The cifar stem runs these stages' first blocks at stride 1 (indices into the stages).
+CIFAR_STRIDE_1_STAGES = (1,)
+CHANNEL_DIVISOR = 8
+
+
+def make_divisible(channels: float, divisor: int = CHANNEL_DIVISOR) -> int:
+  """channels rounded to the nearest multiple of divisor (at least divisor), and never down by
+  more than 10%: the rule of the reference implementations (TF-slim's and torchvision's
+  _make_divisible) for width-scaled channel counts."""
+  rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+  return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
+class InvertedResidual(nn.Module):
+  """1x1 expand ConvBN-ReLU6, 3x3 depthwise ConvBN-ReLU6, 1x1 project ConvBN (linear bottleneck),
+  plus the input when the shape is unchanged. No expand layer when expansion is 1."""
+  features: int
+  expansion: int
+  strides: int = 1
+  act_bits: int | None = None
+  act_scheme: str = "asymmetric"
+  act_straight_through: bool = False
+  folded: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = x
+    if self.expansion != 1:
+      y = ConvBN(x.shape[-1] * self.expansion, (1, 1), folded=self.folded, name="expand")(y, train)
+      y = activation_tap(self, "expand_act")(nn.relu6(y))
+    y = ConvBN(y.shape[-1], strides=(self.strides, self.strides), depthwise=True,
+               folded=self.folded, name="depthwise")(y, train)
+    y = activation_tap(self, "depthwise_act")(nn.relu6(y))
+    y = ConvBN(self.features, (1, 1), folded=self.folded, name="project")(y, train)
+    y = activation_tap(self, "project_act", signed=True)(y)
+    if self.strides == 1 and x.shape[-1] == self.features:
+      y = activation_tap(self, "residual_act", signed=True)(x + y)
+    return y
+
+
+class MobileNetV2(nn.Module):
+  num_classes: int = 10
+  stem: str = "cifar"
+  stages: tuple[tuple[int, int, int, int], ...] = INVERTED_RESIDUAL_STAGES  # (t, c, n, s) rows
+  # Scales every channel count, rounded to a multiple of 8; the last conv's only above 1 (the
+  # paper's rule).
+  width_multiplier: float = 1.0
+  act_bits: int | None = None
+  act_scheme: str = "asymmetric"
+  act_straight_through: bool = False
+  folded: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.stem not in ("cifar", "imagenet"):
+      raise ValueError(f"Unknown MobileNetV2 stem {self.stem!r}; expected 'cifar' or 'imagenet'.")
+    cifar = self.stem == "cifar"
+    stem_strides = (1, 1) if cifar else (2, 2)
+    x = ConvBN(make_divisible(STEM_CHANNELS * self.width_multiplier), strides=stem_strides,
+               folded=self.folded, name="stem")(x, train)
+    x = activation_tap(self, "stem_act")(nn.relu6(x))
+    for stage, (expansion, channels, num_blocks, strides) in enumerate(self.stages):
+      if cifar and stage in CIFAR_STRIDE_1_STAGES:
+        strides = 1
+      for block in range(num_blocks):
+        x = InvertedResidual(make_divisible(channels * self.width_multiplier), expansion,
+                             strides if block == 0 else 1, self.act_bits, self.act_scheme,
+                             self.act_straight_through, self.folded,
+                             name=f"stage{stage + 1}_block{block + 1}")(x, train)
+    last_channels = (make_divisible(LAST_CHANNELS * self.width_multiplier)
+                     if self.width_multiplier > 1.0 else LAST_CHANNELS)
+    x = ConvBN(last_channels, (1, 1), folded=self.folded, name="last")(x, train)
+    x = activation_tap(self, "last_act")(nn.relu6(x))
+    x = x.mean(axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
