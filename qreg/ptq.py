@@ -164,8 +164,9 @@ def activation_ranges(samples: PyTree, bits: int, setup: QuantSetup) -> PyTree:
   """The `activation_ranges` collection: {point: {'min', 'max'}} by setup.calibration."""
 
   def point_range(point_samples):
+    scheme = "symmetric" if bool(point_samples["symmetric"][0]) else setup.act_scheme
     low, high = quant.calibrate_range(point_samples["samples"], setup.calibration, bits,
-                                      setup.act_scheme, setup.percentile)
+                                      scheme, setup.percentile)
     return {"min": jnp.float32(low), "max": jnp.float32(high)}
 
   return jax.tree.map(point_range, samples,

@@ -136,6 +136,8 @@ class QuantizedActivation(nn.Module):
       # The exact extremes join the samples, so min-max calibration is exact.
       self.sow("activation_stats", "samples",
                jnp.concatenate([flat[::stride][:self.num_samples], jnp.stack([flat.min(), flat.max()])]))
+      # Calibration picks the range for this point's own scheme (signed taps are symmetric).
+      self.sow("activation_stats", "symmetric", jnp.array([self.scheme == "symmetric"]))
     if self.bits is None:
       return x
     if self.straight_through:
