@@ -51,7 +51,8 @@ def reevaluate_sweep(root: str, protocol: str) -> None:
     if "run.json" not in files or "results.json" not in files or name in files:
       continue
     print(f"=== {os.path.relpath(dirpath, root)}: {protocol} ===", flush=True)
-    results = protocol_results(dirpath, protocols.PROTOCOLS[protocol])
+    results = protocol_results(dirpath, protocols.PROTOCOLS[protocol],
+                               protocols.PROTOCOL_BIT_SETTINGS.get(protocol))
     with open(os.path.join(dirpath, name), "w") as f:
       json.dump(results, f, indent=2)
 

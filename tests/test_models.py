@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from qreg import config as config_lib
 from qreg import objectives, quant
 from qreg.models import BN_EPSILON, MobileNetV2, build_model
 from qreg.models.layers import DepthwiseConv, QuantizedActivation
@@ -189,6 +190,9 @@ def test_mobilenet_width_rounds_channels_to_multiples_of_8():
   assert channels(1.4) == (48, [24, 32, 48, 88, 136, 224, 448], 1792)
 
 
-def test_nonpositive_width_rejected():
-  with pytest.raises(ValueError, match="model.width"):
-    build_model(model_config("vgg_like", 0.0), 10)
+def test_nonpositive_width_rejected(tmp_path):
+  config = config_lib.base_config()
+  config.data.data_dir, config.data.source = str(tmp_path), "idx"
+  config.model.name, config.model.width = "vgg_like", 0.0
+  with pytest.raises(ValueError, match=r"model.width=0.0 must be a finite number > 0"):
+    config_lib.validate(config, num_devices=1)

@@ -27,8 +27,10 @@ def get_config():
 
 
 def sweep():
-  with open(CHOICES) as f:
-    choices = json.load(f)
-  chosen = {"no-reg": dict(methods.NO_PENALTY),
-            **{method: choice["overrides"] for method, choice in choices["methods"].items()}}
+  """no-reg and each tuned method at SEEDS; only no-reg until experiments.tune has chosen."""
+  chosen = {"no-reg": dict(methods.NO_PENALTY)}
+  if os.path.exists(CHOICES):
+    with open(CHOICES) as f:
+      chosen.update({method: choice["overrides"]
+                     for method, choice in json.load(f)["methods"].items()})
   return methods.table_sweep(chosen, SEEDS)

@@ -26,3 +26,5 @@ LADDER = [
 LOW_BIT_SETTINGS = ((None, None), (8, 8), (6, 6), (5, 5), (4, 4), (3, 3), (2, 2),
                     (4, None), (None, 4), (2, 8), (2, None))
 LADDER_BIT_SETTINGS = ((4, 4), (3, 3), (2, 2), (2, 8), (4, None), (2, None))
+# AdaRound costs optimization time per weight bit-width: its table re-evaluates these only.
+PROTOCOL_BIT_SETTINGS = {"strong+adaround": LADDER_BIT_SETTINGS}
