@@ -56,7 +56,10 @@ def choose(sweep_path: str, root: str) -> dict:
   criterion = (f"best mean validation accuracy over {list(module.CRITERION_SETTINGS)} among values "
                f"whose float validation accuracy is within {module.MAX_FLOAT_DROP} points of "
                "no-reg's (else the best float accuracy)")
-  return {"criterion": criterion, "no_reg_float": no_reg_float, "methods": chosen, "grid": grid}
+  no_reg = {f"{setting_name(r['weight_bits'])},{setting_name(r['act_bits'])}": 100 * r["accuracy"]
+            for r in results["no-reg"]}
+  return {"criterion": criterion, "no_reg_float": no_reg_float, "no_reg_rows": no_reg,
+          "methods": chosen, "grid": grid}
 
 
 def markdown(choice: dict) -> str:
@@ -64,12 +67,15 @@ def markdown(choice: dict) -> str:
   lines = [f"Criterion: {choice['criterion']}. No-reg float validation accuracy: "
            f"{choice['no_reg_float']:.2f}%.", "",
            "| method | value | overrides | " + " | ".join(settings) + " | criterion | chosen |",
-           "|---|---|---|" + "---|" * (len(settings) + 2)]
+           "|---|---|---|" + "---|" * (len(settings) + 2),
+           "| no-reg | | | " + " | ".join(f"{choice['no_reg_rows'][s]:.2f}" for s in settings)
+           + " | | |"]
   for g in choice["grid"]:
     mark = "**yes**" if choice["methods"][g["method"]]["value"] == g["value"] else ""
     if not g["eligible"]:
       mark += " (float drop > limit)"
-    overrides = ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in g["overrides"].items()
+    overrides = ", ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else
+                          f"{k.split('.')[-1]}={v}" for k, v in g["overrides"].items()
                           if not (k.startswith("reg.lambda_") and v == 0 and "kurtosis" not in k))
     lines.append(f"| {g['method']} | {g['value']} | {overrides} | "
                  + " | ".join(f"{g['rows'][s]:.2f}" for s in settings)
