@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from configs import cifar10_resnet18, cifar10_vgg, fashion_mnist
+from configs import cifar10_mobilenetv2, cifar10_resnet18, cifar10_vgg, fashion_mnist
 from qreg import models, objectives, parallel, train
 
 # Model name -> (config module giving model, batch size, optimizer and lambdas; input shape).
@@ -33,6 +33,7 @@ BENCHMARKS = {
     "small_cnn": (fashion_mnist, (28, 28, 1)),
     "vgg_like": (cifar10_vgg, (32, 32, 3)),
     "resnet18": (cifar10_resnet18, (32, 32, 3)),
+    "mobilenetv2": (cifar10_mobilenetv2, (32, 32, 3)),
 }
 NUM_CLASSES = 10  # of every benchmarked dataset
 PLAIN = "plain"

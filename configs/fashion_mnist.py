@@ -16,9 +16,9 @@ def get_config():
   config.data.source = "idx"
   config.model.name = "small_cnn"
   config.train.num_epochs = 4
-  # Chosen on one seed among 8 (lambda_w, lambda_a) pairs for the last epoch
-  # (experiments/results/lambda_search): the weight term alone hurt here; a small one
-  # beside the activation term helped most at 3-4 bits for little float accuracy.
+  # Chosen on the validation split among 4 values with lambda_w = lambda_a / 10
+  # (experiments/results/fashion_mnist_tuning, configs/tables/fashion_mnist_tuning.py). An
+  # earlier search had picked the same pair on the test set (experiments/results/lambda_search).
   config.reg.lambda_w = 0.001
   config.reg.lambda_a = 0.01
   config.reg.start_epoch = 3
