@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 import scipy.stats
 
-from experiments import make_tables, run_sweep
+from experiments import make_tables, run_sweep, tune
 from qreg import config as config_lib
 from qreg import objectives, ptq, quant, train
 from qreg.models import SmallCNN
@@ -181,3 +181,33 @@ def test_paper_table_runs_on_mock_tfds_data(tmp_path, table, run_name):
     results = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert [(r["weight_bits"], r["act_bits"]) for r in results["rows"]] == [(None, None), (4, 4)]
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["rows"])
+
+
+def test_tuning_grids_have_equal_budgets_and_choose_by_the_stated_criterion(tmp_path):
+  path = os.path.join(REPO, "configs", "tables", "fashion_mnist_tuning.py")
+  get_config, runs = run_sweep.load_sweep(path)
+  module = run_sweep.load_sweep_module(path)
+  assert len({len(grid) for grid in module.GRIDS.values()}) == 1
+  assert min(len(grid) for grid in module.GRIDS.values()) >= 4
+  for run in runs:
+    config = run_sweep.run_config(get_config, run)
+    config.data.data_dir = str(tmp_path)
+    config_lib.validate(config, num_devices=1)
+    assert config.eval.split == "validation"  # tuning never measures the test set
+
+  # Fake validation results: value 2 of each method is best at (4,4)/(3,3) but value 3 is
+  # better still and loses too much float accuracy, so it must not be chosen.
+  def write(name, float_acc, low_acc):
+    os.makedirs(tmp_path / name, exist_ok=True)
+    rows = [{"weight_bits": w, "act_bits": a,
+             "accuracy": float_acc if w is None and a is None else low_acc}
+            for w, a in config.quant.bit_settings]
+    with open(tmp_path / name / "results.json", "w") as f:
+      json.dump({"rows": rows, "config": {"eval": {"split": "validation"}}}, f)
+
+  write("no-reg", 0.92, 0.5)
+  for method, grid in module.GRIDS.items():
+    for i in range(len(grid)):
+      write(f"{method}/{i}", [0.92, 0.918, 0.915, 0.85][i], [0.6, 0.7, 0.8, 0.9][i])
+  choice = tune.choose(path, str(tmp_path))
+  assert {m: c["value"] for m, c in choice["methods"].items()} == {m: 2 for m in module.GRIDS}
