@@ -102,7 +102,8 @@ def plot(summary, settings, path: str) -> None:
 
 
 def make_tables(root: str, out: str, results_name: str = "results.json") -> str:
-  summary, settings = summarize(collect(root, results_name))
+  by_method = collect(root, results_name)
+  summary, settings = summarize(by_method)
   os.makedirs(out, exist_ok=True)
   table = markdown(summary, settings)
   with open(os.path.join(out, "table.md"), "w") as f:
@@ -111,6 +112,10 @@ def make_tables(root: str, out: str, results_name: str = "results.json") -> str:
     json.dump({method: [{"weight_bits": w, "act_bits": a, "mean": m, "std": s, "seeds": n}
                         for (w, a), (m, s, n) in cells.items()]
                for method, cells in summary.items()}, f, indent=2)
+  with open(os.path.join(out, "per_seed.json"), "w") as f:
+    json.dump({method: [{"seed": run["seed"], "rows": [
+        {k: r[k] for k in ("weight_bits", "act_bits", "accuracy")} for r in run["rows"]]}
+                        for run in runs] for method, runs in by_method.items()}, f, indent=2)
   plot(summary, settings, os.path.join(out, "accuracy.png"))
   return table
 
