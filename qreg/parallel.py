@@ -50,7 +50,9 @@ def prefetch_to_mesh(local_batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
 
   While the step on batch k runs, the host reads and transfers batch k+1, as
   Flax's prefetch_to_device and big_vision's start_global do. The thread stops
-  when the consumer does (the generator is closed or garbage-collected).
+  when the consumer does (the generator is closed or garbage-collected), and
+  closing waits for it: a thread still inside a JAX call while the interpreter
+  exits aborts the process.
   """
   ready = queue.Queue(maxsize=size)
   stop = threading.Event()
@@ -83,3 +85,4 @@ def prefetch_to_mesh(local_batches: Iterable[dict[str, np.ndarray]], mesh: Mesh,
       yield item
   finally:
     stop.set()
+    thread.join()
