@@ -36,9 +36,10 @@ def protocol_results(workdir: str, overrides: dict, bit_settings=None) -> dict:
   pipeline = data.build_input_pipeline(config.data)
   model = models.build_model(config.model, pipeline.info.num_classes)
   start = time.time()
+  setup = ptq.sweep_setup(config, model, pipeline.info.image_shape)
   results = report.collect_sweep(
-      ptq.sweep(config, model, variables["params"], variables["batch_stats"], pipeline, mesh),
-      ptq.sweep_setup(config, model, pipeline.info.image_shape).describe())
+      ptq.sweep(config, setup, model, variables["params"], variables["batch_stats"], pipeline,
+                mesh), setup.describe())
   results.update(overrides=overrides, seconds=time.time() - start,
                  split=config.eval.split, config=json.loads(config.to_json_best_effort()))
   return results

@@ -33,8 +33,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   checkpoint.check_workdir_matches(config, os.path.abspath(workdir))
   step, variables = checkpoint.restore_variables(workdir)
   pipeline = data.build_input_pipeline(config.data)
+  setup = ptq.sweep_setup(config, model, pipeline.info.image_shape)
   with checkpoint.workdir_lock(os.path.abspath(workdir)):
-    return train.sweep_and_write(config, model, variables, pipeline, mesh,
+    return train.sweep_and_write(config, setup, model, variables, pipeline, mesh,
                                  os.path.abspath(workdir), step)
 
 

@@ -42,7 +42,6 @@ def export_workdir(workdir: str, weight_bits: int, out: str,
   model = models.build_model(config.model, data.num_classes(config.data.name))
   setup = ptq.sweep_setup(config, model,
                           data.image_shape(config.data.name, config.data.image_size))
-  quant.check_rules_match(folded, setup.weight_rules)
   ranges = None
   if act_bits is not None:
     mesh = parallel.make_mesh()

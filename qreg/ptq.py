@@ -94,8 +94,12 @@ def build_quant_setup(quant_config: ml_collections.ConfigDict,
 
 def sweep_setup(config: ml_collections.ConfigDict, model, image_shape: Sequence[int]
                 ) -> QuantSetup:
-  """The QuantSetup of config.quant for this model (its first and last layer known)."""
-  return build_quant_setup(config.quant, kernel_call_order(model, image_shape))
+  """The QuantSetup of config.quant for this model (its first and last layer known); raises
+  ValueError for a weight rule that matches none of the model's kernels."""
+  kernel_order = kernel_call_order(model, image_shape)
+  setup = build_quant_setup(config.quant, kernel_order)
+  quant.check_rules_match(kernel_order, setup.weight_rules)
+  return setup
 
 
 def kernel_call_order(model, image_shape: Sequence[int]) -> list[str]:
@@ -228,8 +232,15 @@ class SweepEvaluator:
                split: str = "test"):
     self._model, self._pipeline, self._mesh = model, pipeline, mesh
     self.setup, self._batch_size, self._split = setup, batch_size, split
-    self.kernel_order = kernel_call_order(model, pipeline.info.image_shape)
     self._apply_fns = {}
+
+  @functools.cached_property
+  def kernel_order(self) -> list[str]:
+    return kernel_call_order(self._model, self._pipeline.info.image_shape)
+
+  def _calibration_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    return self._pipeline.eval_batches(self._batch_size, split="train",
+                                       num_batches=self.setup.num_calibration_batches)
 
   def _apply_fn(self, act_bits: int | None) -> Callable:
     if act_bits not in self._apply_fns:
@@ -241,10 +252,7 @@ class SweepEvaluator:
     """The calibration batches' images, the same global set on every process."""
     return np.concatenate([
         multihost_utils.process_allgather(batch["image"], tiled=True)
-        for batch in parallel.prefetch_to_mesh(
-            self._pipeline.eval_batches(self._batch_size, split="train",
-                                        num_batches=self.setup.num_calibration_batches),
-            self._mesh)])
+        for batch in parallel.prefetch_to_mesh(self._calibration_batches(), self._mesh)])
 
   def _layer_outputs(self, params: PyTree, images: np.ndarray, path: tuple[str, ...],
                      want: int) -> jax.Array:
@@ -296,11 +304,8 @@ class SweepEvaluator:
     return _with_leaf(qparams, layer + ("kernel",), quant.dequantize(result.quantized))
 
   def calibration_samples(self, qparams: PyTree) -> PyTree:
-    return collect_activation_samples(
-        self._apply_fn(None), {"params": qparams},
-        self._pipeline.eval_batches(self._batch_size, split="train",
-                                    num_batches=self.setup.num_calibration_batches),
-        self._mesh)
+    return collect_activation_samples(self._apply_fn(None), {"params": qparams},
+                                      self._calibration_batches(), self._mesh)
 
   def activation_ranges(self, qparams: PyTree, act_bits: int,
                         samples: PyTree | None = None) -> PyTree:
@@ -344,13 +349,12 @@ def layer_sensitivity(evaluator: SweepEvaluator, folded_params: PyTree, bits: in
     yield {"layer": layer, "weight_bits": bits, "accuracy": evaluator.accuracy(qparams, None)}
 
 
-def sweep(config: ml_collections.ConfigDict, model, params: PyTree, batch_stats: PyTree,
-          pipeline, mesh) -> Iterator[tuple[str, Row]]:
-  """The sweep of config.quant on one trained model: yields ('rows', row) for each bit
-  setting, then ('sensitivity', row) for each layer when quant.sensitivity_bits is set."""
-  setup = sweep_setup(config, model, pipeline.info.image_shape)
+def sweep(config: ml_collections.ConfigDict, setup: QuantSetup, model, params: PyTree,
+          batch_stats: PyTree, pipeline, mesh) -> Iterator[tuple[str, Row]]:
+  """The sweep of config.quant (its setup: sweep_setup) on one trained model: yields
+  ('rows', row) for each bit setting, then ('sensitivity', row) for each layer when
+  quant.sensitivity_bits is set."""
   folded_params = quant.fold_batch_norm(params, batch_stats, BN_EPSILON)
-  quant.check_rules_match(folded_params, setup.weight_rules)
   evaluator = SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size,
                              config.eval.split)
   for row in evaluate_bit_settings(evaluator, folded_params,

@@ -192,10 +192,10 @@ def kernel_paths(params: PyTree) -> list[str]:
           if is_kernel(path_names(path), leaf)]
 
 
-def check_rules_match(params: PyTree, rules: Sequence[WeightRule]) -> None:
-  """Raises ValueError naming every rule that matches no kernel (a typo would otherwise
-  silently quantize that layer at the sweep's bits; qwix's get_unused_rules)."""
-  paths = kernel_paths(params)
+def check_rules_match(paths: Sequence[str], rules: Sequence[WeightRule]) -> None:
+  """Raises ValueError naming every rule that matches none of the kernel paths (a typo would
+  otherwise silently quantize that layer at the sweep's bits; qwix's get_unused_rules)."""
+  paths = list(paths)
   unused = [f"{rule.pattern}={setting_name(rule.bits)}" for rule in rules
             if not any(re.fullmatch(rule.pattern, path) for path in paths)]
   if unused:

@@ -199,12 +199,12 @@ def _window_means(window: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in window if k in m])) for k in window[-1]}
 
 
-def sweep_and_write(config: ml_collections.ConfigDict, model, variables: PyTree, pipeline, mesh,
-                    workdir: str, step: int) -> dict[str, Any]:
+def sweep_and_write(config: ml_collections.ConfigDict, setup: ptq.QuantSetup, model,
+                    variables: PyTree, pipeline, mesh, workdir: str, step: int) -> dict[str, Any]:
   """The quantization sweep of a trained model, printed as it runs and written to workdir."""
   results = report.collect_sweep(
-      ptq.sweep(config, model, variables["params"], variables["batch_stats"], pipeline, mesh),
-      ptq.sweep_setup(config, model, pipeline.info.image_shape).describe())
+      ptq.sweep(config, setup, model, variables["params"], variables["batch_stats"], pipeline,
+                mesh), setup.describe())
   results.update(config=json.loads(config.to_json_best_effort()), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), step=step)
   report.write_results(results, workdir)
   return results
@@ -237,10 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   reg_start_step = config.reg.start_epoch * steps_per_epoch
   optimizer = build_optimizer(config.optim, total_steps, steps_per_epoch)
   method_step = build_method_step(config, model, optimizer)
-  abstract_params = jax.eval_shape(functools.partial(
-      create_train_state, model=model, optimizer=optimizer, image_shape=pipeline.info.image_shape),
-      jax.random.key(config.seed)).params
-  quant.check_rules_match(abstract_params, ptq.build_quant_setup(config.quant).weight_rules)
+  # Built before training, so that a weight rule matching no kernel costs no training.
+  setup = ptq.sweep_setup(config, model, pipeline.info.image_shape)
 
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory.")
@@ -252,7 +250,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = _train(config, workdir, mesh, pipeline, model, optimizer, method_step,
                    steps_per_epoch, total_steps, reg_start_step)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return sweep_and_write(config, model, variables, pipeline, mesh, workdir, int(state.step))
+    return sweep_and_write(config, setup, model, variables, pipeline, mesh, workdir,
+                           int(state.step))
 
 
 def _train(config, workdir, mesh, pipeline, model, optimizer, method_step, steps_per_epoch,

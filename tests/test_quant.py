@@ -240,7 +240,7 @@ def test_weight_rules_pick_bits_per_layer():
             "conv2": {"conv": {"kernel": jnp.linspace(-1, 1, 50)}},
             "head": {"kernel": jnp.linspace(-1, 1, 50), "bias": jnp.linspace(-1, 1, 50)}}
   rules = quant.parse_weight_rules(["conv1/.*=8", "head/.*=float"])
-  quant.check_rules_match(params, rules)
+  quant.check_rules_match(quant.kernel_paths(params), rules)
   q = quant.quantize_params(params, 2, rules=rules)
   assert len(np.unique(q["conv1"]["conv"]["kernel"])) > 3 * 2 + 1  # 8 bits, not 2
   assert len(np.unique(q["conv2"]["conv"]["kernel"])) <= 3  # the default 2 bits
@@ -257,7 +257,7 @@ def test_rules_match_whole_paths_and_unmatched_rules_are_errors():
   assert q["conv10"]["conv"]["kernel"] is not params["conv10"]["conv"]["kernel"]
   with pytest.raises(ValueError, match=r"quant.weight_rules \['conv1=8', 'hed/.\*=float'\] match no "
                                        r"kernel .*'conv1/conv/kernel', 'conv10/conv/kernel'"):
-    quant.check_rules_match(params, quant.parse_weight_rules(["conv1=8", "hed/.*=float",
+    quant.check_rules_match(quant.kernel_paths(params), quant.parse_weight_rules(["conv1=8", "hed/.*=float",
                                                                "conv10/.*=4"]))
 
 
