@@ -9,28 +9,37 @@
 Each method's overrides come from experiments/results/fashion_mnist_tuning/choices.json
 (experiments.tune, on the validation split of seed 0). Training data are the same as in
 tuning: the validation split stays held out, and only the test set is measured.
+
+`tuned_table` builds the same table for any tuning config and its choices.
 """
 import json
 import os
 
 from configs.tables import fashion_mnist_tuning, methods
 
-CHOICES = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "results",
-                       "fashion_mnist_tuning", "choices.json")
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "results")
 SEEDS = (0, 1, 2)
 
 
-def get_config():
-  config = fashion_mnist_tuning.get_config()
-  config.eval.split = "test"
-  return config
+def tuned_table(tuning_get_config, choices_path: str, seeds=SEEDS):
+  """(get_config, sweep): the tuning config measured on the test set, no-reg and each method
+  with the overrides chosen in choices_path, at each seed; only no-reg until they are chosen."""
+
+  def get_config():
+    config = tuning_get_config()
+    config.eval.split = "test"
+    return config
+
+  def sweep():
+    chosen = {"no-reg": dict(methods.NO_PENALTY)}
+    if os.path.exists(choices_path):
+      with open(choices_path) as f:
+        chosen.update({method: choice["overrides"]
+                       for method, choice in json.load(f)["methods"].items()})
+    return methods.table_sweep(chosen, seeds)
+
+  return get_config, sweep
 
 
-def sweep():
-  """no-reg and each tuned method at SEEDS; only no-reg until experiments.tune has chosen."""
-  chosen = {"no-reg": dict(methods.NO_PENALTY)}
-  if os.path.exists(CHOICES):
-    with open(CHOICES) as f:
-      chosen.update({method: choice["overrides"]
-                     for method, choice in json.load(f)["methods"].items()})
-  return methods.table_sweep(chosen, SEEDS)
+CHOICES = os.path.join(RESULTS, "fashion_mnist_tuning", "choices.json")
+get_config, sweep = tuned_table(fashion_mnist_tuning.get_config, CHOICES)

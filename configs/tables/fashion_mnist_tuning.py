@@ -8,6 +8,9 @@ The last 5,000 training images are held out as the validation split; every
 method acts in the last of 4 epochs, warm-started from the same no-reg run at
 epoch 3. experiments.tune picks each method's value by CRITERION and writes
 choices.json, which configs/tables/fashion_mnist_tuned.py reads.
+
+`tuning_table` builds the same tuning for any base config (the paper networks' tables,
+configs/tables/fashion_mnist_{vgg,resnet18,mobilenetv2}_tuning.py).
 """
 from configs import fashion_mnist
 from configs.tables import methods, protocols
@@ -32,21 +35,29 @@ CRITERION_SETTINGS = ((4, 4), (3, 3))
 MAX_FLOAT_DROP = 1.0
 
 
-def get_config():
-  config = fashion_mnist.get_config()
-  config.seed = TUNING_SEED
-  config.data.validation_size = VALIDATION_SIZE
-  config.eval.split = "validation"
-  config.quant.bit_settings = protocols.LOW_BIT_SETTINGS
-  return config
+def tuning_table(base_get_config):
+  """(get_config, sweep) of the tuning on a base config: its model, data, schedule and
+  reg.start_epoch, the validation split held out and measured, GRIDS at TUNING_SEED."""
+
+  def get_config():
+    config = base_get_config()
+    config.seed = TUNING_SEED
+    config.data.validation_size = VALIDATION_SIZE
+    config.eval.split = "validation"
+    config.quant.bit_settings = protocols.LOW_BIT_SETTINGS
+    return config
+
+  def sweep():
+    runs = [{"name": "no-reg", "labels": {"method": "no-reg", "seed": TUNING_SEED},
+             "overrides": dict(methods.NO_PENALTY), "warm_start": None}]
+    for method, grid in GRIDS.items():
+      for i, overrides in enumerate(grid):
+        runs.append({"name": f"{method}/{i}",
+                     "labels": {"method": method, "value": i, "seed": TUNING_SEED},
+                     "overrides": overrides, "warm_start": "no-reg"})
+    return runs
+
+  return get_config, sweep
 
 
-def sweep():
-  runs = [{"name": "no-reg", "labels": {"method": "no-reg", "seed": TUNING_SEED},
-           "overrides": dict(methods.NO_PENALTY), "warm_start": None}]
-  for method, grid in GRIDS.items():
-    for i, overrides in enumerate(grid):
-      runs.append({"name": f"{method}/{i}",
-                   "labels": {"method": method, "value": i, "seed": TUNING_SEED},
-                   "overrides": overrides, "warm_start": "no-reg"})
-  return runs
+get_config, sweep = tuning_table(fashion_mnist.get_config)
