@@ -1,15 +1,23 @@
-"""Cost of a regularized train step, per gradient implementation, relative to a plain step.
+"""Cost of a regularized train step against a bare value_and_grad step, per gradient
+implementation, penalty batch fraction and penalty frequency.
 
     python -m benchmarks.step_cost                      # small_cnn at its config batch (128)
-    python -m benchmarks.step_cost --models=vgg_like,resnet18 --batch_size=64 --steps=10
+    python -m benchmarks.step_cost --models=vgg_like,resnet18 --batch_sizes=64,128 --steps=8
 
-For each model: the jitted train step of qreg.train (optimizer update
-included) without the penalty ("plain") and with each `reg.impl`, on
-synthetic data of the config's input shape, all compiled and timed in this
-process. Steps of all variants are interleaved round by round, so that load
-from other processes slows them alike; the reported time is the median over
-rounds. Peak memory is XLA's static estimate for the compiled step. The
-gradient error is ||g - g_nested|| / ||g_nested|| on the first batch.
+For each model and batch size, all compiled and timed in this process:
+- "bare": jax.value_and_grad of the cross-entropy w.r.t. the params and the
+  optimizer update, nothing else: the denominator of every ratio;
+- "plain": qreg.train's step without the penalty (it also takes the
+  activation gradients and logs the gradient norms);
+- "<impl> f=<f>": the penalized step with each `reg.impl`, the penalty on
+  the first fraction f of the batch (reg.penalty_batch_fraction).
+Steps of all variants are interleaved round by round, so that load from
+other processes slows them alike; each time is the median over rounds. Then
+for each (impl, k, f) the amortized cost of a step under reg.every_k_steps=k,
+one penalized step and k - 1 plain ones: (t_penalized + (k - 1) t_plain) / k,
+as a multiple of the bare step. Peak memory is XLA's static estimate for the
+compiled step. The gradient error is ||g - g_nested|| / ||g_nested|| on the
+first batch (same f).
 
 Writes step_cost.md and step_cost.json to --output_dir. Runs unchanged on
 CPU, GPU or TPU (all local devices, batch split over them).
@@ -23,6 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags
 
 from configs import cifar10_mobilenetv2, cifar10_resnet18, cifar10_vgg, fashion_mnist
@@ -36,13 +45,17 @@ BENCHMARKS = {
     "mobilenetv2": (cifar10_mobilenetv2, (32, 32, 3)),
 }
 NUM_CLASSES = 10  # of every benchmarked dataset
-PLAIN = "plain"
+BARE, PLAIN = "bare", "plain"
 
 _MODELS = flags.DEFINE_list("models", ["small_cnn"], f"Models to measure, from {list(BENCHMARKS)}.")
 _IMPLS = flags.DEFINE_list("impls", list(objectives.IMPLS),
                            f"Penalty implementations to measure, from {list(objectives.IMPLS)}.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
-                                   "Global batch size; default: each model's config batch size.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", [],
+                                 "Global batch sizes; default: each model's config batch size.")
+_FRACTIONS = flags.DEFINE_list("fractions", ["1", "0.25"],
+                               "Penalty batch fractions (reg.penalty_batch_fraction) to time.")
+_EVERY_K = flags.DEFINE_list("every_k", ["1", "4", "16"],
+                             "Penalty frequencies (reg.every_k_steps) to amortize over.")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per variant (rounds).")
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 3,
                                      "Untimed steps per variant after compiling.")
@@ -68,20 +81,47 @@ def synthetic_batch(batch_size: int, image_shape: tuple[int, ...], num_classes: 
   return parallel.global_batch(batch, mesh)
 
 
-def flat_gradient(params, batch_stats, batch, apply_fn, penalty) -> np.ndarray:
-  _, grads = jax.jit(functools.partial(objectives.penalized_value_and_grad, apply_fn=apply_fn,
-                                       penalty=penalty))(params, batch_stats, batch)
+def make_bare_train_step(apply_fn, optimizer: optax.GradientTransformation):
+  """The baseline: value_and_grad of the cross-entropy w.r.t. the params, the optimizer update."""
+
+  def loss(params, batch_stats, batch):
+    logits, updates = apply_fn({"params": params, "batch_stats": batch_stats}, batch["image"],
+                               train=True, mutable=["batch_stats"])
+    return objectives.cross_entropy(logits, batch["label"]), updates["batch_stats"]
+
+  def train_step(state: train.TrainState, batch):
+    (value, batch_stats), grads = jax.value_and_grad(loss, has_aux=True)(
+        state.params, state.batch_stats, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=batch_stats, opt_state=opt_state), {"loss": value}
+
+  return train_step
+
+
+def flat_gradient(params, batch_stats, batch, apply_fn, penalty, sub_batch) -> np.ndarray:
+  def value_and_grad(params, batch_stats, batch):
+    penalty_batch = None if sub_batch is None else parallel.leading_per_device(batch, *sub_batch)
+    return objectives.penalized_value_and_grad(params, batch_stats, batch, apply_fn, penalty,
+                                               penalty_batch=penalty_batch)
+
+  _, grads = jax.jit(value_and_grad)(params, batch_stats, batch)
   return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(grads)]).astype(np.float64)
 
 
-def measure_model(name: str, batch_size: int | None, impls: list[str], steps: int,
-                  warmup_steps: int) -> dict:
-  """Times the plain step and each impl's step for one model; returns its results row."""
+def _variant(impl: str, fraction: float) -> str:
+  return f"{impl} f={fraction:g}"
+
+
+def measure_model(name: str, batch_size: int | None, impls: list[str], fractions: list[float],
+                  every_k: list[int], steps: int, warmup_steps: int) -> dict:
+  """Times the bare, plain and penalized steps for one model; returns its results row."""
   config_module, image_shape = BENCHMARKS[name]
   config = config_module.get_config()
   batch_size = batch_size or config.data.batch_size
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(batch_size, mesh.devices.size, "--batch_size")
+  num_devices = mesh.devices.size
+  parallel.check_batch_size(batch_size, num_devices, "--batch_sizes")
   model = models.build_model(config.model, NUM_CLASSES)
   optimizer = train.build_optimizer(config.optim, total_steps=1000, steps_per_epoch=100)
   batch = synthetic_batch(batch_size, image_shape, NUM_CLASSES, mesh)
@@ -89,20 +129,29 @@ def measure_model(name: str, batch_size: int | None, impls: list[str], steps: in
       train.create_train_state, model=model, optimizer=optimizer, image_shape=image_shape),
       out_shardings=parallel.replicated(mesh))(jax.random.key(0))
 
-  penalties = {PLAIN: None}
-  for impl in impls:
-    config.reg.impl = impl
-    penalties[impl] = train.build_penalty(config.reg)
+  train_steps = {BARE: make_bare_train_step(model.apply, optimizer),
+                 PLAIN: train.make_train_step(model.apply, optimizer, None)}
+  penalties, sub_batches = {}, {}
+  for fraction in fractions:
+    sub_batch = None
+    if fraction < 1:
+      sub_batch = (parallel.check_batch_fraction(fraction, batch_size, num_devices, "--fractions"),
+                   num_devices)
+    for impl in impls:
+      config.reg.impl = impl
+      variant = _variant(impl, fraction)
+      penalties[variant], sub_batches[variant] = train.build_penalty(config.reg), sub_batch
+      train_steps[variant] = train.make_train_step(model.apply, optimizer, penalties[variant],
+                                                   penalty_sub_batch=sub_batch)
 
-  steps_by_variant, states, rows = {}, {}, {}
-  for variant, penalty in penalties.items():
-    step = train.jit_train_step(train.make_train_step(model.apply, optimizer, penalty), mesh,
-                                initial_state)
+  compiled_steps, states, rows = {}, {}, {}
+  for variant, train_step in train_steps.items():
+    step = train.jit_train_step(train_step, mesh, initial_state)
     start = time.perf_counter()
     compiled = step.lower(initial_state, batch).compile()
     rows[variant] = {"compile_s": time.perf_counter() - start,
                      "peak_memory_bytes": peak_memory_bytes(compiled)}
-    steps_by_variant[variant] = compiled
+    compiled_steps[variant] = compiled
     # The step donates its state, so each variant runs on its own copy.
     state = jax.tree.map(jnp.copy, initial_state)
     for _ in range(warmup_steps):
@@ -110,47 +159,73 @@ def measure_model(name: str, batch_size: int | None, impls: list[str], steps: in
     jax.block_until_ready(metrics)
     states[variant] = state
 
-  times = {variant: [] for variant in penalties}
+  times = {variant: [] for variant in train_steps}
   for _ in range(steps):
-    for variant, compiled in steps_by_variant.items():
+    for variant, compiled in compiled_steps.items():
       start = time.perf_counter()
       states[variant], metrics = compiled(states[variant], batch)
       jax.block_until_ready((states[variant], metrics))
       times[variant].append(time.perf_counter() - start)
 
-  plain_time = statistics.median(times[PLAIN])
-  reference = None
-  if "nested" in impls:
-    reference = flat_gradient(initial_state.params, initial_state.batch_stats, batch, model.apply,
-                              penalties["nested"])
   for variant, row in rows.items():
     row["median_step_s"] = statistics.median(times[variant])
+  bare_time, plain_time = rows[BARE]["median_step_s"], rows[PLAIN]["median_step_s"]
+  for variant, row in rows.items():
+    row["ratio_to_bare"] = row["median_step_s"] / bare_time
     row["ratio_to_plain"] = row["median_step_s"] / plain_time
-    if reference is not None and variant != PLAIN:
-      grad = flat_gradient(initial_state.params, initial_state.batch_stats, batch, model.apply,
-                           penalties[variant])
-      row["grad_error_vs_nested"] = float(np.linalg.norm(grad - reference)
-                                          / np.linalg.norm(reference))
+  if "nested" in impls:
+    for fraction in fractions:
+      reference_variant = _variant("nested", fraction)
+      reference = flat_gradient(initial_state.params, initial_state.batch_stats, batch,
+                                model.apply, penalties[reference_variant],
+                                sub_batches[reference_variant])
+      for impl in impls:
+        variant = _variant(impl, fraction)
+        grad = flat_gradient(initial_state.params, initial_state.batch_stats, batch, model.apply,
+                             penalties[variant], sub_batches[variant])
+        rows[variant]["grad_error_vs_nested"] = float(np.linalg.norm(grad - reference)
+                                                      / np.linalg.norm(reference))
+  amortized = [{"impl": impl, "every_k_steps": k, "penalty_batch_fraction": fraction,
+                "step_s": (rows[_variant(impl, fraction)]["median_step_s"]
+                           + (k - 1) * plain_time) / k}
+               for impl in impls for fraction in fractions for k in every_k]
+  for row in amortized:
+    row["ratio_to_bare"] = row["step_s"] / bare_time
   return {"model": name, "batch_size": batch_size, "image_shape": list(image_shape),
           "lambda_w": config.reg.lambda_w, "lambda_a": config.reg.lambda_a,
-          "fd_step": config.reg.fd_step,
-          "steps": steps, "variants": rows}
+          "fd_step": config.reg.fd_step, "steps": steps, "variants": rows,
+          "amortized": amortized}
 
 
 def markdown_table(results: dict) -> str:
   lines = [f"Device: {results['device_kind']} x{results['num_devices']} ({results['platform']}), "
            f"jax {results['jax_version']}; median of {results['steps']} interleaved steps.", "",
-           "| model | batch | variant | step (ms) | × plain | peak memory (MiB) | "
+           "Measured steps:", "",
+           "| model | batch | variant | step (ms) | × bare | × plain | peak memory (MiB) | "
            "grad error vs nested |",
-           "|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|"]
   for model in results["models"]:
     for variant, row in model["variants"].items():
       error = row.get("grad_error_vs_nested")
       lines.append(
           f"| {model['model']} | {model['batch_size']} | {variant} | "
-          f"{1e3 * row['median_step_s']:.1f} | {row['ratio_to_plain']:.2f} | "
-          f"{row['peak_memory_bytes'] / 2**20:.1f} | {'' if error is None else f'{error:.1e}'} |")
-  return "\n".join(lines) + "\n"
+          f"{1e3 * row['median_step_s']:.1f} | {row['ratio_to_bare']:.2f} | "
+          f"{row['ratio_to_plain']:.2f} | {row['peak_memory_bytes'] / 2**20:.1f} | "
+          f"{'' if error is None else f'{error:.1e}'} |")
+  lines += ["", "Amortized cost per step, × bare (penalty on one step in k, on fraction f of "
+            "the batch; plain steps between):", ""]
+  for model in results["models"]:
+    columns = sorted({(r["penalty_batch_fraction"], r["every_k_steps"])
+                      for r in model["amortized"]}, key=lambda c: (-c[0], c[1]))
+    lines += [f"{model['model']}, batch {model['batch_size']}:", "",
+              "| impl | " + " | ".join(f"f={f:g} k={k}" for f, k in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for impl in dict.fromkeys(r["impl"] for r in model["amortized"]):
+      by_column = {(r["penalty_batch_fraction"], r["every_k_steps"]): r["ratio_to_bare"]
+                   for r in model["amortized"] if r["impl"] == impl}
+      lines.append(f"| {impl} | " + " | ".join(f"{by_column[c]:.2f}" for c in columns) + " |")
+    lines.append("")
+  return "\n".join(lines)
 
 
 def main(argv):
@@ -165,9 +240,14 @@ def main(argv):
   results = {"device_kind": device.device_kind, "platform": device.platform,
              "num_devices": jax.device_count(), "jax_version": jax.__version__,
              "steps": _STEPS.value, "models": []}
+  fractions = [float(f) for f in _FRACTIONS.value]
+  every_k = [int(k) for k in _EVERY_K.value]
+  if any(k < 1 for k in every_k):
+    raise app.UsageError(f"--every_k={_EVERY_K.value}: each must be an integer >= 1.")
   for name in _MODELS.value:
-    results["models"].append(measure_model(name, _BATCH_SIZE.value, _IMPLS.value, _STEPS.value,
-                                           _WARMUP_STEPS.value))
+    for batch_size in [int(b) for b in _BATCH_SIZES.value] or [None]:
+      results["models"].append(measure_model(name, batch_size, _IMPLS.value, fractions, every_k,
+                                             _STEPS.value, _WARMUP_STEPS.value))
   table = markdown_table(results)
   print(table)
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)

@@ -23,7 +23,7 @@ from qreg import report  # pylint: disable=g-import-not-at-top
 
 def _run_dirs(root: str, results_name: str = "results.json") -> list[str]:
   """Run directories in the sweep's order (root/sweep.json), else in path order."""
-  found = sorted(dirpath for dirpath, _, files in os.walk(root)
+  found = sorted(dirpath for dirpath, _, files in os.walk(root, followlinks=True)
                  if "run.json" in files and results_name in files)
   sweep_file = os.path.join(root, "sweep.json")
   if not os.path.exists(sweep_file):

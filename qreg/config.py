@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.stem = "cifar"  # resnet18 and mobilenetv2: 'cifar' or 'imagenet'
   # Channel multiplier (and VGG's hidden FC width); 1.0 = the published architectures.
   config.model.width = 1.0
+  # The dtype training computes in: 'float32', or 'bfloat16' for GPUs and TPUs (params,
+  # optimizer state and BatchNorm statistics stay float32; the PTQ sweep computes in float32).
+  config.model.dtype = "float32"
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "sgd"
@@ -67,6 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
   # activation, see qreg.objectives.FD_STEP). README "Cost of the regularizer".
   config.reg.impl = "hvp"
   config.reg.fd_step = 1e-3
+  # Cheaper schedules (README, "Cost of the regularizer"): the penalty on one step in
+  # every_k_steps with its lambdas times k (the same average weight), plain steps between;
+  # and on the first penalty_batch_fraction of each device's batch (the task loss on all of it).
+  config.reg.every_k_steps = 1
+  config.reg.penalty_batch_fraction = 1.0
 
   # Quantization-aware training with the straight-through estimator from reg.start_epoch
   # on, at these bit-widths (None = float); the STE baseline.
@@ -162,6 +170,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.model.name in models.STEM_MODELS:
     _check_choice("model.stem", config.model.stem, models.STEMS)
   _check_number("model.width", config.model.width, positive=True)
+  _check_choice("model.dtype", config.model.dtype, tuple(models.DTYPES))
 
   _check_choice("optim.name", config.optim.name, OPTIMIZERS)
   _check_choice("optim.schedule", config.optim.schedule, SCHEDULES)
@@ -174,6 +183,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _check_choice("reg.impl", config.reg.impl, objectives.IMPLS)
   _check_choice("reg.norm", config.reg.norm, objectives.NORMS)
   _check_number("reg.fd_step", config.reg.fd_step, positive=True)
+  _check_integer("reg.every_k_steps", config.reg.every_k_steps, 1)
+  parallel.check_batch_fraction(config.reg.penalty_batch_fraction, config.data.batch_size,
+                                num_devices, "reg.penalty_batch_fraction")
   quant.check_bits(config.qat.weight_bits, "qat.weight_bits")
   quant.check_bits(config.qat.act_bits, "qat.act_bits")
 

@@ -69,6 +69,8 @@ UNIFORM_KURTOSIS = 1.8
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cross-entropy, in float32 at least (the logits of a bfloat16 model are upcast)."""
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -180,14 +182,14 @@ def nested_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[str, 
                                                           penalty)
 
 
-def hvp_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
-                       apply_fn: ApplyFn, penalty: Penalty):
-  """Forward-over-reverse: dL/dtheta plus the Hessian-vector product by jax.linearize.
+def hvp_parts(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
+              apply_fn: ApplyFn, penalty: Penalty):
+  """Forward-over-reverse: dL/dtheta and the penalty's gradient by jax.linearize.
 
   Linearizing the task gradients at (theta, p=0) runs their forward and
   backward pass once; the signs come from that pass, then the linearized
   function is applied to the penalty direction (the tangent pass), so no
-  gradient is computed twice.
+  gradient is computed twice. Returns (total, aux), dL/dtheta, H d.
   """
   perturbations = zero_perturbations(apply_fn, params, batch_stats, batch["image"])
   gradients = functools.partial(task_gradients, batch_stats=batch_stats, batch=batch,
@@ -196,37 +198,67 @@ def hvp_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[str, jax
       gradients, params, perturbations, has_aux=True)
   total, terms = objective_and_terms(loss, grad_w, grad_a, penalty)
   penalty_grad, _ = hessian_times(*penalty_direction(grad_w, grad_a, penalty))
-  grads = jax.tree.map(jnp.add, grad_w, penalty_grad)
-  return (total, (new_batch_stats, logits, terms)), grads
+  return (total, (new_batch_stats, logits, terms)), grad_w, penalty_grad
 
 
-def finite_difference_value_and_grad(params: PyTree, batch_stats: PyTree,
-                                     batch: dict[str, jax.Array], apply_fn: ApplyFn,
-                                     penalty: Penalty):
-  """dL/dtheta plus [dL/dtheta(theta + h d_w, p = h d_a) - dL/dtheta(theta, 0)] / h.
+def hvp_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
+                       apply_fn: ApplyFn, penalty: Penalty):
+  """Forward-over-reverse: dL/dtheta plus the Hessian-vector product (hvp_parts)."""
+  value, grad_w, penalty_grad = hvp_parts(params, batch_stats, batch, apply_fn, penalty)
+  return value, jax.tree.map(jnp.add, grad_w, penalty_grad)
+
+
+def finite_difference_parts(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
+                            apply_fn: ApplyFn, penalty: Penalty):
+  """dL/dtheta and [dL/dtheta(theta + h d_w, p = h d_a) - dL/dtheta(theta, 0)] / h.
 
   (d_w, d_a) is the penalty direction, h = fd_step / max(lambda_w, lambda_a)
   so that no weight or activation moves by more than fd_step. Two gradient
   evaluations; like sharpness-aware minimization with an l_inf ball, but the
   difference is divided by h, so for a smooth loss it tends to the exact
   gradient as h -> 0 (for ReLU nets see FD_STEP). BatchNorm statistics of the
-  displaced pass are discarded.
+  displaced pass are discarded. Returns (total, aux), dL/dtheta, and the
+  difference (None when both lambdas are zero: no direction to step along).
   """
   perturbations = zero_perturbations(apply_fn, params, batch_stats, batch["image"])
   (grad_w, grad_a), (loss, (new_batch_stats, logits)) = task_gradients(
       params, perturbations, batch_stats, batch, apply_fn)
   total, terms = objective_and_terms(loss, grad_w, grad_a, penalty)
   largest_lambda = max(penalty.lambda_w, penalty.lambda_a)
-  if largest_lambda == 0:  # no penalty gradient, and no direction to step along
-    return (total, (new_batch_stats, logits, terms)), grad_w
+  if largest_lambda == 0:
+    return (total, (new_batch_stats, logits, terms)), grad_w, None
   h = penalty.fd_step / largest_lambda
   direction_w, direction_a = penalty_direction(grad_w, grad_a, penalty)
   displaced_params = jax.tree.map(lambda w, d: w + h * d, params, direction_w)
   displaced_activations = jax.tree.map(lambda d: h * d, direction_a)
   displaced_grad_w, _ = jax.grad(task_loss, has_aux=True)(
       displaced_params, displaced_activations, batch_stats, batch, apply_fn)
-  grads = jax.tree.map(lambda g, g_displaced: g + (g_displaced - g) / h, grad_w, displaced_grad_w)
-  return (total, (new_batch_stats, logits, terms)), grads
+  penalty_grad = jax.tree.map(lambda g, g_displaced: (g_displaced - g) / h, grad_w,
+                              displaced_grad_w)
+  return (total, (new_batch_stats, logits, terms)), grad_w, penalty_grad
+
+
+def finite_difference_value_and_grad(params: PyTree, batch_stats: PyTree,
+                                     batch: dict[str, jax.Array], apply_fn: ApplyFn,
+                                     penalty: Penalty):
+  """dL/dtheta plus the finite difference of finite_difference_parts."""
+  value, grad_w, penalty_grad = finite_difference_parts(params, batch_stats, batch, apply_fn,
+                                                        penalty)
+  if penalty_grad is None:
+    return value, grad_w
+  return value, jax.tree.map(jnp.add, grad_w, penalty_grad)
+
+
+def nested_parts(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
+                 apply_fn: ApplyFn, penalty: Penalty):
+  """Reverse-over-reverse gradient of the penalty alone: (total, aux), None, its gradient."""
+
+  def penalty_value(params):
+    total, aux = penalized_loss(params, batch_stats, batch, apply_fn, penalty)
+    return total - aux[2]["task_loss"], (total, aux)
+
+  penalty_grad, value = jax.grad(penalty_value, has_aux=True)(params)
+  return value, None, penalty_grad
 
 
 # Each returns (total, (new_batch_stats, logits, terms)), dtotal/dparams.
@@ -236,12 +268,38 @@ PENALIZED_VALUE_AND_GRAD = {
     "finite_difference": finite_difference_value_and_grad,
 }
 IMPLS = tuple(PENALIZED_VALUE_AND_GRAD)
+# Each returns (total, aux), dL/dtheta or None, the penalty's gradient (None: zero).
+PENALTY_PARTS = {
+    "nested": nested_parts,
+    "hvp": hvp_parts,
+    "finite_difference": finite_difference_parts,
+}
 
 
 def penalized_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
-                             apply_fn: ApplyFn, penalty: Penalty):
-  """penalized_loss's value, aux and gradient w.r.t. params, computed by penalty.impl."""
-  return PENALIZED_VALUE_AND_GRAD[penalty.impl](params, batch_stats, batch, apply_fn, penalty)
+                             apply_fn: ApplyFn, penalty: Penalty,
+                             penalty_batch: dict[str, jax.Array] | None = None):
+  """penalized_loss's value, aux and gradient w.r.t. params, computed by penalty.impl.
+
+  penalty_batch (a sub-batch, reg.penalty_batch_fraction < 1): the task loss and
+  its gradient on `batch`, the penalty and its gradient on penalty_batch alone,
+  in a second pass. That pass normalizes with penalty_batch's own BatchNorm
+  statistics (train mode, as any forward pass of the step), and its updates of
+  the running statistics are discarded: they come from `batch` only. The logged
+  gradient norms are penalty_batch's (what is penalized); task_loss is batch's.
+  """
+  if penalty_batch is None:
+    return PENALIZED_VALUE_AND_GRAD[penalty.impl](params, batch_stats, batch, apply_fn, penalty)
+  (loss, (new_batch_stats, logits, _)), grad_w = plain_value_and_grad(params, batch_stats, batch,
+                                                                      apply_fn)
+  (_, (_, _, terms)), _, penalty_grad = PENALTY_PARTS[penalty.impl](
+      params, batch_stats, penalty_batch, apply_fn, penalty)
+  terms = dict(terms, task_loss=loss)
+  total = (loss + penalty.lambda_w * terms[f"grad_{penalty.norm}_weights"]
+           + penalty.lambda_a * terms[f"grad_{penalty.norm}_activations"])
+  if penalty_grad is not None:
+    grad_w = jax.tree.map(jnp.add, grad_w, penalty_grad)
+  return (total, (new_batch_stats, logits, terms)), grad_w
 
 
 def plain_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],

@@ -38,6 +38,36 @@ def check_batch_size(global_batch_size: int, num_devices: int, what: str = "batc
         f"({num_devices}) so that every device gets an equal share of the global batch.")
 
 
+def check_batch_fraction(fraction, global_batch_size: int, num_devices: int,
+                         what: str = "fraction") -> int:
+  """Raises ValueError unless 0 < fraction <= 1 and fraction * global_batch_size examples split
+  evenly over num_devices devices; returns that sub-batch's size per device."""
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+      or not 0 < fraction <= 1:
+    raise ValueError(f"{what}={fraction!r} must be in (0, 1].")
+  per_device = fraction * global_batch_size / num_devices
+  if per_device != round(per_device):
+    raise ValueError(
+        f"{what}={fraction} of the global batch ({global_batch_size}) is "
+        f"{fraction * global_batch_size:g} examples, which do not split into whole examples over "
+        f"{num_devices} devices; choose a fraction that makes it a multiple of {num_devices}.")
+  return int(round(per_device))
+
+
+def leading_per_device(batch: dict[str, jax.Array], per_device: int,
+                       num_devices: int) -> dict[str, jax.Array]:
+  """The first per_device examples of each device's shard of a global batch, as a global batch.
+
+  Written for the global batch under jit (whose leading axis is split over
+  num_devices devices in order), so no example moves between devices.
+  """
+  def head(x):
+    shards = x.reshape(num_devices, x.shape[0] // num_devices, *x.shape[1:])
+    return shards[:, :per_device].reshape(num_devices * per_device, *x.shape[1:])
+
+  return jax.tree.map(head, batch)
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's slice of the batch into global arrays sharded over `data`."""
   sharding = batch_sharded(mesh)

@@ -4,6 +4,7 @@ train_and_evaluate trains a config in a workdir (resuming from its last
 checkpoint), then runs the post-training quantization sweep (qreg.ptq) and
 writes the results (qreg.report).
 """
+import collections
 import contextlib
 import functools
 import json
@@ -13,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -70,16 +71,30 @@ def create_train_state(rng: jax.Array, model, optimizer: optax.GradientTransform
 
 
 def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
-                    penalty: objectives.Penalty | None, lambda_kurtosis: float = 0.0):
+                    penalty: objectives.Penalty | None, lambda_kurtosis: float = 0.0,
+                    penalty_sub_batch: tuple[int, int] | None = None):
   """One optimizer step on a global batch; penalty=None is the plain (unregularized) step.
 
   lambda_kurtosis > 0 adds KURE's weight-kurtosis term to the objective.
+  penalty_sub_batch=(examples per device, devices): the penalty on the first
+  examples of each device's shard only (objectives.penalized_value_and_grad).
+  Every step logs penalty_applied (1 or 0) and the lambdas it applied, so that
+  a log window's means are the fraction of penalized steps and the average weights.
   """
   if penalty is None:
     value_and_grad = functools.partial(objectives.plain_value_and_grad, apply_fn=apply_fn)
   else:
     value_and_grad = functools.partial(objectives.penalized_value_and_grad, apply_fn=apply_fn,
                                        penalty=penalty)
+    if penalty_sub_batch is not None:
+      per_device, num_devices = penalty_sub_batch
+      full_batch_value_and_grad = value_and_grad
+      value_and_grad = lambda params, batch_stats, batch: full_batch_value_and_grad(
+          params, batch_stats, batch,
+          penalty_batch=parallel.leading_per_device(batch, per_device, num_devices))
+  applied = {"penalty_applied": float(penalty is not None),
+             "lambda_w_applied": penalty.lambda_w if penalty else 0.0,
+             "lambda_a_applied": penalty.lambda_a if penalty else 0.0}
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     (loss, (batch_stats, logits, terms)), grads = value_and_grad(
@@ -92,7 +107,8 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads),
-                   accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]))
+                   accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+                   **{k: jnp.asarray(v, jnp.float32) for k, v in applied.items()})
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state), metrics
 
@@ -130,28 +146,71 @@ def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, state: TrainSt
 
 
 def build_penalty(reg_config: ml_collections.ConfigDict) -> objectives.Penalty | None:
-  """The penalty of a validated config.reg, or None when both weights are zero (the plain step)."""
+  """The penalty of a validated config.reg, or None when both weights are zero (the plain step).
+
+  Its lambdas are reg.every_k_steps times the config's: applied on one step in
+  k, the penalty keeps its average weight.
+  """
   if reg_config.lambda_w == 0 and reg_config.lambda_a == 0:
     return None
-  return objectives.Penalty(float(reg_config.lambda_w), float(reg_config.lambda_a),
+  k = reg_config.every_k_steps
+  return objectives.Penalty(float(reg_config.lambda_w) * k, float(reg_config.lambda_a) * k,
                             reg_config.impl, float(reg_config.fd_step), reg_config.norm)
 
 
-def build_method_step(config: ml_collections.ConfigDict, model,
-                      optimizer: optax.GradientTransformation) -> Callable | None:
-  """The train step used from reg.start_epoch on: gradient penalty, KURE and/or STE QAT.
+class MethodSteps(NamedTuple):
+  """The train steps from reg.start_epoch on.
 
-  None when the config asks for none of them (plain training throughout).
+  regularized: the method's step (gradient penalty, KURE and/or STE QAT);
+  between: on the steps between two penalized ones (reg.every_k_steps > 1),
+  the method without the gradient penalty, or None where that is the plain step.
+  """
+  regularized: Callable
+  between: Callable | None
+  every_k_steps: int
+
+
+def build_method_steps(config: ml_collections.ConfigDict, model,
+                       optimizer: optax.GradientTransformation,
+                       num_devices: int) -> MethodSteps | None:
+  """The train steps used from reg.start_epoch on, for a validated config.
+
+  None when the config asks for no method (plain training throughout).
   """
   penalty = build_penalty(config.reg)
   weight_bits, act_bits = config.qat.weight_bits, config.qat.act_bits
-  if penalty is None and not config.reg.lambda_kurtosis and weight_bits is None and act_bits is None:
+  lambda_kurtosis = float(config.reg.lambda_kurtosis)
+  if penalty is None and not lambda_kurtosis and weight_bits is None and act_bits is None:
     return None
+  qat = weight_bits is not None or act_bits is not None
   apply_fn = model.apply
-  if weight_bits is not None or act_bits is not None:
+  if qat:
     apply_fn = quantization_aware_apply_fn(model, weight_bits, act_bits,
                                            ptq.build_quant_setup(config.quant))
-  return make_train_step(apply_fn, optimizer, penalty, float(config.reg.lambda_kurtosis))
+  sub_batch = None
+  if penalty is not None and config.reg.penalty_batch_fraction < 1:
+    sub_batch = (parallel.check_batch_fraction(config.reg.penalty_batch_fraction,
+                                               config.data.batch_size, num_devices),
+                 num_devices)
+  every_k = config.reg.every_k_steps if penalty is not None else 1
+  # Between penalized steps: KURE and/or QAT go on; without them it is the plain step.
+  between = None
+  if every_k > 1 and (lambda_kurtosis or qat):
+    between = make_train_step(apply_fn, optimizer, None, lambda_kurtosis)
+  return MethodSteps(make_train_step(apply_fn, optimizer, penalty, lambda_kurtosis, sub_batch),
+                     between, every_k)
+
+
+def step_kind(step: int, reg_start_step: int, method: MethodSteps | None) -> str:
+  """Which train step runs at `step`: 'plain', 'regularized' or 'between'.
+
+  A function of the step number alone, so a resumed run takes the same steps.
+  """
+  if method is None or step < reg_start_step:
+    return "plain"
+  if (step - reg_start_step) % method.every_k_steps == 0:
+    return "regularized"
+  return "plain" if method.between is None else "between"
 
 
 class Preempted(Exception):
@@ -236,7 +295,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total_steps = config.train.num_epochs * steps_per_epoch
   reg_start_step = config.reg.start_epoch * steps_per_epoch
   optimizer = build_optimizer(config.optim, total_steps, steps_per_epoch)
-  method_step = build_method_step(config, model, optimizer)
+  # Training computes in model.dtype; the sweep below runs the float32 model.
+  train_model = models.with_compute_dtype(model, config.model.dtype)
+  method = build_method_steps(config, train_model, optimizer, mesh.devices.size)
   # Built before training, so that a weight rule matching no kernel costs no training.
   setup = ptq.sweep_setup(config, model, pipeline.info.image_shape)
 
@@ -247,14 +308,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpoint.check_workdir_matches(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   with checkpoint.workdir_lock(workdir):
-    state = _train(config, workdir, mesh, pipeline, model, optimizer, method_step,
+    state = _train(config, workdir, mesh, pipeline, train_model, optimizer, method,
                    steps_per_epoch, total_steps, reg_start_step)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return sweep_and_write(config, setup, model, variables, pipeline, mesh, workdir,
                            int(state.step))
 
 
-def _train(config, workdir, mesh, pipeline, model, optimizer, method_step, steps_per_epoch,
+def _train(config, workdir, mesh, pipeline, model, optimizer, method, steps_per_epoch,
            total_steps, reg_start_step) -> TrainState:
   """The epoch loop of train_and_evaluate, from the workdir's last checkpoint."""
   manager = checkpoint.checkpoint_manager(workdir, config.train.checkpoints_to_keep)
@@ -268,16 +329,18 @@ def _train(config, workdir, mesh, pipeline, model, optimizer, method_step, steps
     logging.info("Resumed from %s at step %d.", manager.directory, int(state.step))
   start_step = int(state.step)
 
-  plain_step = jit_train_step(make_train_step(model.apply, optimizer, None), mesh, state)
-  reg_step = plain_step if method_step is None else jit_train_step(method_step, mesh, state)
-  first_reg_step = reg_start_step if method_step is not None else total_steps
+  steps = {"plain": jit_train_step(make_train_step(model.apply, optimizer, None), mesh, state)}
+  if method is not None:
+    steps["regularized"] = jit_train_step(method.regularized, mesh, state)
+    if method.between is not None:
+      steps["between"] = jit_train_step(method.between, mesh, state)
+  remaining = collections.Counter(step_kind(step, reg_start_step, method)
+                                  for step in range(start_step, total_steps))
 
   # Metrics are written by process 0 only; the others train silently.
   writer = metrics.MetricWriter(workdir) if jax.process_index() == 0 else metrics.NullWriter()
-  progress = metrics.Progress(
-      {"plain": max(0, min(first_reg_step, total_steps) - start_step),
-       "regularized": total_steps - max(first_reg_step, start_step)},
-      {"regularized": REGULARIZED_STEP_COST_GUESS})
+  progress = metrics.Progress({kind: remaining[kind] for kind in steps},
+                              {"regularized": REGULARIZED_STEP_COST_GUESS})
   log_every = config.train.log_every_steps
   checkpoint_every = config.train.checkpoint_every_steps
   batches = parallel.prefetch_to_mesh(
@@ -287,13 +350,19 @@ def _train(config, workdir, mesh, pipeline, model, optimizer, method_step, steps
   compiled = set()
   logging.info("Training %s on %s: %d steps (%d/epoch), regularized from step %d, %d devices "
                "in %d process(es).", config.model.name, config.data.name, total_steps,
-               steps_per_epoch, first_reg_step, mesh.devices.size, jax.process_count())
+               steps_per_epoch, reg_start_step if method else total_steps, mesh.devices.size,
+               jax.process_count())
+  if method is not None and (method.every_k_steps > 1 or config.reg.penalty_batch_fraction < 1):
+    logging.info("Gradient penalty on one step in %d with lambda_w=%g, lambda_a=%g (the "
+                 "config's times %d), on %g of each device's batch.", method.every_k_steps,
+                 config.reg.lambda_w * method.every_k_steps,
+                 config.reg.lambda_a * method.every_k_steps, method.every_k_steps,
+                 config.reg.penalty_batch_fraction)
   try:
     with _stop_signals_set_flag() as signals_received:
       for step in range(start_step, total_steps):
-        kind = "regularized" if step >= first_reg_step else "plain"
-        state, step_metrics = (reg_step if kind == "regularized" else plain_step)(
-            state, next(batches))
+        kind = step_kind(step, reg_start_step, method)
+        state, step_metrics = steps[kind](state, next(batches))
         window.append(step_metrics)
         done = step + 1
         line = progress.step_done(kind, done, compiled_now=kind not in compiled)

@@ -44,6 +44,8 @@ def snapshot(directory) -> dict[str, str]:
     ("model.name", "alexnet", r"Unknown model 'alexnet'; expected one of \('small_cnn', "
                               r"'vgg_like', 'resnet18', 'mobilenetv2'\)"),
     ("model.stem", "tiny", r"Unknown model.stem 'tiny'; expected one of \('cifar', 'imagenet'\)"),
+    ("model.dtype", "float16", r"Unknown model.dtype 'float16'; expected one of \('float32', "
+                               r"'bfloat16'\)"),
     ("optim.name", "lion", r"Unknown optim.name 'lion'; expected one of \('sgd', 'adam', 'adamw'\)"),
     ("optim.schedule", "linear", r"Unknown optim.schedule 'linear'; expected one of "
                                  r"\('cosine', 'constant'\)"),
@@ -53,6 +55,13 @@ def snapshot(directory) -> dict[str, str]:
     ("reg.start_epoch", -1, r"reg.start_epoch=-1 must be an integer >= 0"),
     ("reg.impl", "newton", r"Unknown reg.impl 'newton'; expected one of \('nested', 'hvp', "),
     ("reg.fd_step", 0.0, r"reg.fd_step=0.0 must be a finite number > 0"),
+    ("reg.every_k_steps", 0, r"reg.every_k_steps=0 must be an integer >= 1"),
+    ("reg.penalty_batch_fraction", 0.0, r"reg.penalty_batch_fraction=0.0 must be in \(0, 1\]"),
+    ("reg.penalty_batch_fraction", 1.5, r"reg.penalty_batch_fraction=1.5 must be in \(0, 1\]"),
+    # batch 8 on 4 devices: 2 examples each, of which a quarter is half an example.
+    ("reg.penalty_batch_fraction", 0.25, r"reg.penalty_batch_fraction=0.25 of the global batch "
+                                         r"\(8\) is 2 examples, which do not split into whole "
+                                         r"examples over 4 devices"),
     ("reg.norm", "l3", r"Unknown reg.norm 'l3'; expected one of \('l1', 'l2'\)"),
     ("reg.lambda_kurtosis", -1.0, r"reg.lambda_kurtosis=-1.0 must be a finite number >= 0"),
     ("qat.weight_bits", 1, r"qat.weight_bits=1: expected an integer in \[2, 16\]"),

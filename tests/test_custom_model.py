@@ -60,3 +60,13 @@ def test_a_model_defined_outside_qreg_trains_folds_sweeps_and_exports(registered
   np.testing.assert_allclose(
       model.clone(folded=True).apply({"params": folded}, images),
       model.apply({"params": variables["params"], "batch_stats": stats}, images), atol=1e-5)
+
+
+def test_bfloat16_needs_a_dtype_field(registered, idx_dir, tmp_path):
+  config = tiny_config(idx_dir)
+  config.model.name = "two_layer_net"
+  config.model.dtype = "bfloat16"
+  with pytest.raises(ValueError, match="model.dtype='bfloat16' needs a model with a `dtype` "
+                                       "field passed to its layers; TwoLayerNet has none"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

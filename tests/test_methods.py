@@ -93,7 +93,7 @@ def test_method_config_validation(tmp_path):
     with pytest.raises(ValueError, match=message):
       config_lib.validate(bad, num_devices=1)
   config.reg.lambda_w = config.reg.lambda_a = 0.0
-  assert train.build_method_step(config, model, optimizer) is None  # no method: plain throughout
+  assert train.build_method_steps(config, model, optimizer, 1) is None  # no method: plain throughout
 
 
 @pytest.mark.parametrize("table", ["fashion_mnist", "cifar10_vgg", "cifar10_resnet18",
@@ -110,7 +110,7 @@ def test_table_configs_list_valid_runs(table, tmp_path):
     if config.data.source == "idx":
       config.data.data_dir = str(tmp_path)  # validated without the real files
     optimizer = train.build_optimizer(config.optim, 10, 5)
-    step = train.build_method_step(config, model, optimizer)
+    step = train.build_method_steps(config, model, optimizer, 1)
     assert (step is None) == (run["labels"]["method"] == "no-reg")
     config_lib.validate(config, num_devices=1)
     assert config_lib.parse_bit_settings(config.quant.bit_settings)[0] == (None, None)

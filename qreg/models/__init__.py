@@ -10,6 +10,8 @@ A model qreg can train, fold, sweep and export (README, "Add your own model"):
 """
 from collections.abc import Callable
 
+import jax.numpy as jnp
+
 from qreg.models.convnets import ConvNet, SmallCNN, VGGLike
 from qreg.models.layers import BN_EPSILON
 from qreg.models.mobilenet import MobileNetV2
@@ -52,5 +54,21 @@ def build_model(model_config, num_classes: int):
   return _BUILDERS[model_config.name](model_config, num_classes)
 
 
-__all__ = ["BN_EPSILON", "ConvNet", "MODELS", "MobileNetV2", "ResNet18", "STEMS", "STEM_MODELS",
-           "SmallCNN", "VGGLike", "build_model", "register_model", "unregister_model"]
+# model.dtype: the dtype training computes in; params, optimizer state and BatchNorm
+# statistics stay float32, and the quantization sweep always computes in float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def with_compute_dtype(model, dtype_name: str):
+  """The model computing in DTYPES[dtype_name] (its `dtype` field), for training."""
+  if dtype_name == "float32":
+    return model
+  if "dtype" not in getattr(model, "__dataclass_fields__", {}):
+    raise ValueError(f"model.dtype={dtype_name!r} needs a model with a `dtype` field passed to "
+                     f"its layers; {type(model).__name__} has none.")
+  return model.clone(dtype=DTYPES[dtype_name])
+
+
+__all__ = ["BN_EPSILON", "ConvNet", "DTYPES", "MODELS", "MobileNetV2", "ResNet18", "STEMS", "STEM_MODELS",
+           "SmallCNN", "VGGLike", "build_model", "register_model", "unregister_model",
+           "with_compute_dtype"]

@@ -1,4 +1,6 @@
 """Plain BatchNorm conv nets: a small CNN for 28x28 inputs and the CIFAR-10 "VGG-like" net."""
+from typing import Any
+
 import flax.linen as nn
 
 from qreg.models.layers import ConvBN, DenseBN, activation_tap, scaled_channels
@@ -15,6 +17,7 @@ class ConvNet(nn.Module):
   act_scheme: str = "asymmetric"
   act_straight_through: bool = False
   folded: bool = False
+  dtype: Any = None  # the computation's dtype (model.dtype); params stay float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -22,15 +25,17 @@ class ConvNet(nn.Module):
       raise ValueError(f"pool_after {self.pool_after} must have one entry per width {self.widths}.")
     for i, (width, pool) in enumerate(zip(self.widths, self.pool_after)):
       x = ConvBN(scaled_channels(width, self.width_multiplier), folded=self.folded,
+                 dtype=self.dtype,
                  name=f"conv{i + 1}")(x, train)
       x = activation_tap(self, f"act{i + 1}")(nn.relu(x))
       if pool:
         x = nn.max_pool(x, (2, 2), (2, 2))
     x = x.reshape((x.shape[0], -1))
     x = DenseBN(scaled_channels(self.hidden, self.width_multiplier), folded=self.folded,
+                dtype=self.dtype,
                 name="fc1")(x, train)
     x = activation_tap(self, f"act{len(self.widths) + 1}")(nn.relu(x))
-    return nn.Dense(self.num_classes, name="head")(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
 class SmallCNN(ConvNet):

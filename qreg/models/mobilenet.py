@@ -11,6 +11,8 @@ the model's act_scheme) and at each linear bottleneck output and residual sum
 (signed: always symmetric), the points an integer MobileNetV2 requantizes.
 No dropout before the head, like qreg's other models.
 """
+from typing import Any
+
 import flax.linen as nn
 
 from qreg.models.layers import ConvBN, activation_tap
@@ -44,17 +46,20 @@ class InvertedResidual(nn.Module):
   act_scheme: str = "asymmetric"
   act_straight_through: bool = False
   folded: bool = False
+  dtype: Any = None  # the computation's dtype (model.dtype); params stay float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     y = x
     if self.expansion != 1:
-      y = ConvBN(x.shape[-1] * self.expansion, (1, 1), folded=self.folded, name="expand")(y, train)
+      y = ConvBN(x.shape[-1] * self.expansion, (1, 1), folded=self.folded, dtype=self.dtype,
+                 name="expand")(y, train)
       y = activation_tap(self, "expand_act")(nn.relu6(y))
     y = ConvBN(y.shape[-1], strides=(self.strides, self.strides), depthwise=True,
-               folded=self.folded, name="depthwise")(y, train)
+               folded=self.folded, dtype=self.dtype, name="depthwise")(y, train)
     y = activation_tap(self, "depthwise_act")(nn.relu6(y))
-    y = ConvBN(self.features, (1, 1), folded=self.folded, name="project")(y, train)
+    y = ConvBN(self.features, (1, 1), folded=self.folded, dtype=self.dtype,
+               name="project")(y, train)
     y = activation_tap(self, "project_act", signed=True)(y)
     if self.strides == 1 and x.shape[-1] == self.features:
       y = activation_tap(self, "residual_act", signed=True)(x + y)
@@ -72,6 +77,7 @@ class MobileNetV2(nn.Module):
   act_scheme: str = "asymmetric"
   act_straight_through: bool = False
   folded: bool = False
+  dtype: Any = None  # the computation's dtype (model.dtype); params stay float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -80,7 +86,7 @@ class MobileNetV2(nn.Module):
     cifar = self.stem == "cifar"
     stem_strides = (1, 1) if cifar else (2, 2)
     x = ConvBN(make_divisible(STEM_CHANNELS * self.width_multiplier), strides=stem_strides,
-               folded=self.folded, name="stem")(x, train)
+               folded=self.folded, dtype=self.dtype, name="stem")(x, train)
     x = activation_tap(self, "stem_act")(nn.relu6(x))
     for stage, (expansion, channels, num_blocks, strides) in enumerate(self.stages):
       if cifar and stage in CIFAR_STRIDE_1_STAGES:
@@ -88,11 +94,11 @@ class MobileNetV2(nn.Module):
       for block in range(num_blocks):
         x = InvertedResidual(make_divisible(channels * self.width_multiplier), expansion,
                              strides if block == 0 else 1, self.act_bits, self.act_scheme,
-                             self.act_straight_through, self.folded,
+                             self.act_straight_through, self.folded, self.dtype,
                              name=f"stage{stage + 1}_block{block + 1}")(x, train)
     last_channels = (make_divisible(LAST_CHANNELS * self.width_multiplier)
                      if self.width_multiplier > 1.0 else LAST_CHANNELS)
-    x = ConvBN(last_channels, (1, 1), folded=self.folded, name="last")(x, train)
+    x = ConvBN(last_channels, (1, 1), folded=self.folded, dtype=self.dtype, name="last")(x, train)
     x = activation_tap(self, "last_act")(nn.relu6(x))
     x = x.mean(axis=(1, 2))
-    return nn.Dense(self.num_classes, name="head")(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
