@@ -97,6 +97,7 @@ def test_method_config_validation(tmp_path):
 
 
 @pytest.mark.parametrize("table", ["fashion_mnist", "cifar10_vgg", "cifar10_resnet18",
+                                   "cifar10_mobilenetv2", "imagenet_mobilenetv2",
                                    "imagenet_resnet18", "fashion_mnist_ablations",
                                    "fashion_mnist_impls"])
 def test_table_configs_list_valid_runs(table, tmp_path):
@@ -211,3 +212,36 @@ def test_tuning_grids_have_equal_budgets_and_choose_by_the_stated_criterion(tmp_
       write(f"{method}/{i}", [0.92, 0.918, 0.915, 0.85][i], [0.6, 0.7, 0.8, 0.9][i])
   choice = tune.choose(path, str(tmp_path))
   assert {m: c["value"] for m, c in choice["methods"].items()} == {m: 2 for m in module.GRIDS}
+
+
+@pytest.mark.parametrize("network,model_name", [("vgg", "vgg_like"), ("resnet18", "resnet18")])
+def test_paper_network_tuning_is_the_default_tuning_on_that_network(network, model_name,
+                                                                    tmp_path):
+  default_get_config, default_runs = run_sweep.load_sweep(
+      os.path.join(REPO, "configs", "tables", "fashion_mnist_tuning.py"))
+  get_config, runs = run_sweep.load_sweep(
+      os.path.join(REPO, "configs", "tables", f"fashion_mnist_{network}_tuning.py"))
+  assert runs == default_runs  # the same grids, seed and warm starts
+  config = get_config()
+  assert (config.model.name, config.model.width) == (model_name, 0.125)
+  config.model.name, config.model.width = "small_cnn", 1.0
+  assert config.to_json() == default_get_config().to_json()  # only the model differs
+  tuned_get_config, _ = run_sweep.load_sweep(
+      os.path.join(REPO, "configs", "tables", f"fashion_mnist_{network}_tuned.py"))
+  assert tuned_get_config().eval.split == "test"
+
+
+def test_lazy_table_varies_only_the_penalty_schedule(tmp_path):
+  get_config, runs = run_sweep.load_sweep(
+      os.path.join(REPO, "configs", "tables", "fashion_mnist_lazy.py"))
+  schedules = set()
+  for run in runs:
+    config = run_sweep.run_config(get_config, run)
+    config.data.data_dir = str(tmp_path)
+    config_lib.validate(config, num_devices=1)
+    if run["labels"]["method"] != "no-reg":
+      assert run["warm_start"] == f"no-reg/seed{run['labels']['seed']}"
+      schedules.add((config.reg.every_k_steps, config.reg.penalty_batch_fraction,
+                     config.reg.lambda_w, config.reg.lambda_a))
+  assert {(k, f) for k, f, _, _ in schedules} == {(k, f) for k in (1, 4, 16) for f in (1.0, 0.25)}
+  assert len({(w, a) for _, _, w, a in schedules}) == 1  # one lambda pair, scaled only inside

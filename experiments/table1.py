@@ -1,0 +1,129 @@
+"""The paper's Table 1 in its shape, from the networks' tuned tables, with a plain reading.
+
+    python -m experiments.table1 [--networks=vgg,resnet18,mobilenetv2]
+
+Reads experiments/results/<network>/{paper,strong}/per_seed.json (written by
+experiments.make_tables; experiments/network_table.sh makes them) for each
+network that has them, and writes experiments/results/table1.md and
+table1.json:
+- test accuracy (%) of each method at float and W = A = 8, 6, 5, 4, 3, 2 bits,
+  mean ± std over seeds, under each protocol;
+- where the unregularized model breaks: the widest W = A bit-width at which
+  no-reg's mean loses 10 points or more against its own float accuracy;
+- there, each method's gain over no-reg: the mean ± std over seeds of the
+  paired difference (a method's run of seed s warm-starts from no-reg's run of
+  seed s), and which method is best.
+"""
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+PROTOCOLS = ("paper", "strong")
+WIDTHS = (None, 8, 6, 5, 4, 3, 2)  # W = A; None = float
+BREAK_POINTS = 10.0
+# The paper's own 4/4-bit numbers (Alizadeh et al. 2020, Table 1; CIFAR-10 and ImageNet, not
+# Fashion-MNIST), for orientation only: no-reg -> l1.
+PAPER_4BIT = {"vgg": "VGG-like, CIFAR-10: 11.47% -> 85.99%",
+              "resnet18": "ResNet-18, CIFAR-10: 82.47% -> 87.62%; ImageNet: 0.30% -> 55.32%",
+              "mobilenetv2": "(not in the paper's Table 1; KURE's network)"}
+
+
+def _accuracies(per_seed: dict, method: str, width) -> dict[int, float]:
+  """seed -> test accuracy (%) of `method` at W = A = width."""
+  return {run["seed"]: 100 * next(r["accuracy"] for r in run["rows"]
+                                  if r["weight_bits"] == width and r["act_bits"] == width)
+          for run in per_seed[method]}
+
+
+def _mean_std(values) -> tuple[float, float]:
+  values = np.asarray(list(values), np.float64)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def read_network(network: str, protocol: str) -> dict | None:
+  path = os.path.join(RESULTS, network, protocol, "per_seed.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    per_seed = json.load(f)
+  table = {method: {str(w): _mean_std(_accuracies(per_seed, method, w).values()) for w in WIDTHS}
+           for method in per_seed}
+  no_reg_float = table["no-reg"]["None"][0]
+  breaking = next((w for w in WIDTHS[1:]
+                   if no_reg_float - table["no-reg"][str(w)][0] >= BREAK_POINTS), None)
+  gains = {}
+  if breaking is not None:
+    base = _accuracies(per_seed, "no-reg", breaking)
+    for method in per_seed:
+      if method != "no-reg":
+        accuracy = _accuracies(per_seed, method, breaking)
+        gains[method] = _mean_std(accuracy[s] - base[s] for s in sorted(base) if s in accuracy)
+  return {"table": table, "breaking_width": breaking, "gains": gains,
+          "seeds": sorted({run["seed"] for runs in per_seed.values() for run in runs})}
+
+
+def markdown(results: dict) -> str:
+  heading = " | ".join("float" if w is None else f"W{w}A{w}" for w in WIDTHS)
+  lines = []
+  for protocol in PROTOCOLS:
+    lines += [f"### {protocol.capitalize()} protocol", "",
+              f"| network | method | {heading} |", "|---|---|" + "---|" * len(WIDTHS)]
+    for network, by_protocol in results.items():
+      found = by_protocol.get(protocol)
+      if found is None:
+        continue
+      for method, row in found["table"].items():
+        lines.append(f"| {network} | {method} | "
+                     + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in row.values()) + " |")
+    lines.append("")
+  lines += ["### Where no-reg breaks, and what each method recovers there", "",
+            f"Breaking width: the widest W = A at which no-reg loses ≥ {BREAK_POINTS:g} points "
+            "against its own float accuracy. Gain: mean ± std over seeds of the paired "
+            "difference to no-reg (test accuracy, points).", "",
+            "| network | protocol | breaks at | no-reg there | gains (best first) |",
+            "|---|---|---|---|---|"]
+  for network, by_protocol in results.items():
+    for protocol in PROTOCOLS:
+      found = by_protocol.get(protocol)
+      if found is None:
+        continue
+      width = found["breaking_width"]
+      if width is None:
+        lines.append(f"| {network} | {protocol} | never (down to 2 bits) | | |")
+        continue
+      no_reg = found["table"]["no-reg"][str(width)]
+      gains = sorted(found["gains"].items(), key=lambda item: -item[1][0])
+      lines.append(f"| {network} | {protocol} | W{width}A{width} | "
+                   f"{no_reg[0]:.2f} ± {no_reg[1]:.2f} | "
+                   + ", ".join(f"{m} {g:+.2f} ± {s:.2f}" for m, (g, s) in gains) + " |")
+  lines += ["", "The paper's own 4-bit numbers, for orientation (other datasets, full width):", ""]
+  lines += [f"- {network}: {PAPER_4BIT.get(network, '(not a paper network)')}"
+            for network in results]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  results = {}
+  for network in _NETWORKS.value:
+    by_protocol = {p: read_network(network, p) for p in PROTOCOLS}
+    if any(by_protocol.values()):
+      results[network] = {p: r for p, r in by_protocol.items() if r is not None}
+  if not results:
+    raise app.UsageError(f"No per_seed.json under {RESULTS}/<network>/<protocol>/ for any of "
+                         f"{_NETWORKS.value}; run experiments/network_table.sh first.")
+  text = markdown(results)
+  with open(os.path.join(RESULTS, "table1.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(RESULTS, "table1.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  print(text)
+
+
+if __name__ == "__main__":
+  _NETWORKS = flags.DEFINE_list("networks", ["vgg", "resnet18", "mobilenetv2"],
+                                "Networks under experiments/results/ to read.")
+  app.run(main)
