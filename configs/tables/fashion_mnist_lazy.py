@@ -11,6 +11,7 @@ Same data, seeds, epochs and warm starts as the tuned table
 """
 import itertools
 import json
+import os
 
 from configs.tables import fashion_mnist_tuned, methods
 
@@ -23,9 +24,12 @@ def method_name(every_k: int, fraction: float) -> str:
   return f"l1-k{every_k}-f{fraction:g}"
 
 
-def lazy_table(tuned_get_config, choices_path: str, seeds=fashion_mnist_tuned.SEEDS):
+def lazy_table(tuned_get_config, choices_path: str, seeds=fashion_mnist_tuned.SEEDS,
+               retuned_path: str | None = None):
   """(get_config, sweep): no-reg and l1 at each (k, f) of EVERY_K x FRACTIONS, each seed, with
-  l1's lambdas from choices_path (chosen at k = 1, f = 1 on the validation split)."""
+  l1's lambdas from choices_path (chosen at k = 1, f = 1 on the validation split); plus, once
+  retuned_path exists, each schedule there with its own validation-chosen lambdas
+  (configs/tables/fashion_mnist_lazy_tuning.py)."""
 
   def get_config():
     config = tuned_get_config()
@@ -39,9 +43,15 @@ def lazy_table(tuned_get_config, choices_path: str, seeds=fashion_mnist_tuned.SE
     for every_k, fraction in itertools.product(EVERY_K, FRACTIONS):
       chosen[method_name(every_k, fraction)] = {**l1, "reg.every_k_steps": every_k,
                                                "reg.penalty_batch_fraction": fraction}
+    if retuned_path and os.path.exists(retuned_path):
+      with open(retuned_path) as f:
+        chosen.update({f"{method}-retuned": choice["overrides"]
+                       for method, choice in json.load(f)["methods"].items()})
     return methods.table_sweep(chosen, seeds)
 
   return get_config, sweep
 
 
-get_config, sweep = lazy_table(fashion_mnist_tuned.get_config, fashion_mnist_tuned.CHOICES)
+RETUNED = os.path.join(fashion_mnist_tuned.RESULTS, "fashion_mnist_lazy", "tuning", "choices.json")
+get_config, sweep = lazy_table(fashion_mnist_tuned.get_config, fashion_mnist_tuned.CHOICES,
+                               retuned_path=RETUNED)

@@ -35,9 +35,11 @@ CRITERION_SETTINGS = ((4, 4), (3, 3))
 MAX_FLOAT_DROP = 1.0
 
 
-def tuning_table(base_get_config):
+def tuning_table(base_get_config, grids=None):
   """(get_config, sweep) of the tuning on a base config: its model, data, schedule and
-  reg.start_epoch, the validation split held out and measured, GRIDS at TUNING_SEED."""
+  reg.start_epoch, the validation split held out and measured, grids (default GRIDS) at
+  TUNING_SEED."""
+  grids = GRIDS if grids is None else grids
 
   def get_config():
     config = base_get_config()
@@ -50,7 +52,7 @@ def tuning_table(base_get_config):
   def sweep():
     runs = [{"name": "no-reg", "labels": {"method": "no-reg", "seed": TUNING_SEED},
              "overrides": dict(methods.NO_PENALTY), "warm_start": None}]
-    for method, grid in GRIDS.items():
+    for method, grid in grids.items():
       for i, overrides in enumerate(grid):
         runs.append({"name": f"{method}/{i}",
                      "labels": {"method": method, "value": i, "seed": TUNING_SEED},
