@@ -30,7 +30,7 @@ def _accuracy(rows, setting) -> float:
 
 
 def _schedule(method: str) -> tuple[int, float] | None:
-  found = re.fullmatch(r"l1-k(\d+)-f([0-9.]+)", method)
+  found = re.fullmatch(r"l1-k(\d+)-f([0-9.]+)(-retuned)?", method)
   return (int(found.group(1)), float(found.group(2))) if found else None
 
 
@@ -75,7 +75,8 @@ def main(argv):
                         for seed in by_seed if seed in exact) for s in SETTINGS]
     cost = costs.get((k, fraction), float("nan"))
     points[method] = (cost, means)
-    lines.append(f"| {k} | {fraction:g} | {k / fraction:g} | {cost:.2f} | "
+    retuned = " (own λ)" if method.endswith("-retuned") else ""
+    lines.append(f"| {k}{retuned} | {fraction:g} | {k / fraction:g} | {cost:.2f} | "
                  + " | ".join(f"{m:.2f} ± {s:.2f}" for m, s in means) + " | "
                  + " | ".join(f"{m:+.2f} ± {s:.2f}" for m, s in deltas)
                  + f" | {len(by_seed)} |")
