@@ -36,7 +36,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # Step cost of each reg.impl relative to a plain step (README "Cost of the regularizer");
-# e.g. make benchmark BENCHMARK_FLAGS="--models=vgg_like,resnet18 --batch_size=32 --steps=10".
+# e.g. make benchmark BENCHMARK_FLAGS="--models=vgg_like,resnet18 --batch_sizes=32 --steps=10".
 BENCHMARK_FLAGS ?=
 benchmark: setup
 	$(PY) -m benchmarks.step_cost $(BENCHMARK_FLAGS)

@@ -4,7 +4,8 @@ implementation, penalty batch fraction and penalty frequency.
     python -m benchmarks.step_cost                      # small_cnn at its config batch (128)
     python -m benchmarks.step_cost --models=vgg_like,resnet18 --batch_sizes=64,128 --steps=8
 
-For each model and batch size, all compiled and timed in this process:
+For each model, batch size and compute dtype (--dtypes: model.dtype, float32 params either
+way), all compiled and timed in this process:
 - "bare": jax.value_and_grad of the cross-entropy w.r.t. the params and the
   optimizer update, nothing else: the denominator of every ratio;
 - "plain": qreg.train's step without the penalty (it also takes the
@@ -56,6 +57,8 @@ _FRACTIONS = flags.DEFINE_list("fractions", ["1", "0.25"],
                                "Penalty batch fractions (reg.penalty_batch_fraction) to time.")
 _EVERY_K = flags.DEFINE_list("every_k", ["1", "4", "16"],
                              "Penalty frequencies (reg.every_k_steps) to amortize over.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32"],
+                            f"Compute dtypes (model.dtype) to measure, from {list(models.DTYPES)}.")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per variant (rounds).")
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 3,
                                      "Untimed steps per variant after compiling.")
@@ -114,15 +117,17 @@ def _variant(impl: str, fraction: float) -> str:
 
 
 def measure_model(name: str, batch_size: int | None, impls: list[str], fractions: list[float],
-                  every_k: list[int], steps: int, warmup_steps: int) -> dict:
-  """Times the bare, plain and penalized steps for one model; returns its results row."""
+                  every_k: list[int], steps: int, warmup_steps: int,
+                  dtype: str = "float32") -> dict:
+  """Times the bare, plain and penalized steps for one model computing in `dtype` (float32
+  params either way); returns its results row."""
   config_module, image_shape = BENCHMARKS[name]
   config = config_module.get_config()
   batch_size = batch_size or config.data.batch_size
   mesh = parallel.make_mesh()
   num_devices = mesh.devices.size
   parallel.check_batch_size(batch_size, num_devices, "--batch_sizes")
-  model = models.build_model(config.model, NUM_CLASSES)
+  model = models.with_compute_dtype(models.build_model(config.model, NUM_CLASSES), dtype)
   optimizer = train.build_optimizer(config.optim, total_steps=1000, steps_per_epoch=100)
   batch = synthetic_batch(batch_size, image_shape, NUM_CLASSES, mesh)
   initial_state = jax.jit(functools.partial(
@@ -155,8 +160,8 @@ def measure_model(name: str, batch_size: int | None, impls: list[str], fractions
     # The step donates its state, so each variant runs on its own copy.
     state = jax.tree.map(jnp.copy, initial_state)
     for _ in range(warmup_steps):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+      state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
     states[variant] = state
 
   times = {variant: [] for variant in train_steps}
@@ -191,7 +196,8 @@ def measure_model(name: str, batch_size: int | None, impls: list[str], fractions
                for impl in impls for fraction in fractions for k in every_k]
   for row in amortized:
     row["ratio_to_bare"] = row["step_s"] / bare_time
-  return {"model": name, "batch_size": batch_size, "image_shape": list(image_shape),
+  return {"model": name, "batch_size": batch_size, "dtype": dtype,
+          "image_shape": list(image_shape),
           "lambda_w": config.reg.lambda_w, "lambda_a": config.reg.lambda_a,
           "fd_step": config.reg.fd_step, "steps": steps, "variants": rows,
           "amortized": amortized}
@@ -201,14 +207,14 @@ def markdown_table(results: dict) -> str:
   lines = [f"Device: {results['device_kind']} x{results['num_devices']} ({results['platform']}), "
            f"jax {results['jax_version']}; median of {results['steps']} interleaved steps.", "",
            "Measured steps:", "",
-           "| model | batch | variant | step (ms) | × bare | × plain | peak memory (MiB) | "
+           "| model | batch, dtype | variant | step (ms) | × bare | × plain | peak memory (MiB) | "
            "grad error vs nested |",
            "|---|---|---|---|---|---|---|---|"]
   for model in results["models"]:
     for variant, row in model["variants"].items():
       error = row.get("grad_error_vs_nested")
       lines.append(
-          f"| {model['model']} | {model['batch_size']} | {variant} | "
+          f"| {model['model']} | {model['batch_size']}, {model['dtype']} | {variant} | "
           f"{1e3 * row['median_step_s']:.1f} | {row['ratio_to_bare']:.2f} | "
           f"{row['ratio_to_plain']:.2f} | {row['peak_memory_bytes'] / 2**20:.1f} | "
           f"{'' if error is None else f'{error:.1e}'} |")
@@ -217,7 +223,7 @@ def markdown_table(results: dict) -> str:
   for model in results["models"]:
     columns = sorted({(r["penalty_batch_fraction"], r["every_k_steps"])
                       for r in model["amortized"]}, key=lambda c: (-c[0], c[1]))
-    lines += [f"{model['model']}, batch {model['batch_size']}:", "",
+    lines += [f"{model['model']}, batch {model['batch_size']}, {model['dtype']}:", "",
               "| impl | " + " | ".join(f"f={f:g} k={k}" for f, k in columns) + " |",
               "|---|" + "---|" * len(columns)]
     for impl in dict.fromkeys(r["impl"] for r in model["amortized"]):
@@ -244,10 +250,14 @@ def main(argv):
   every_k = [int(k) for k in _EVERY_K.value]
   if any(k < 1 for k in every_k):
     raise app.UsageError(f"--every_k={_EVERY_K.value}: each must be an integer >= 1.")
+  unknown = [d for d in _DTYPES.value if d not in models.DTYPES]
+  if unknown:
+    raise app.UsageError(f"Unknown --dtypes {unknown}; expected some of {list(models.DTYPES)}.")
   for name in _MODELS.value:
     for batch_size in [int(b) for b in _BATCH_SIZES.value] or [None]:
-      results["models"].append(measure_model(name, batch_size, _IMPLS.value, fractions, every_k,
-                                             _STEPS.value, _WARMUP_STEPS.value))
+      for dtype in _DTYPES.value:
+        results["models"].append(measure_model(name, batch_size, _IMPLS.value, fractions,
+                                               every_k, _STEPS.value, _WARMUP_STEPS.value, dtype))
   table = markdown_table(results)
   print(table)
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)

@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import jax, flax, optax, orbax.checkpoint; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q tests/test_layering.py -k "imports_point_down" 2>&1 | tail -2
 for batch in 128 256; do
-  timeout 200 python3 -m benchmarks.step_cost --models=vgg_like,resnet18 --batch_size=$batch \
+  timeout 200 python3 -m benchmarks.step_cost --models=vgg_like,resnet18 --batch_sizes=$batch \
     --steps=20 --warmup_steps=3 --output_dir="$OUT/step_cost_b$batch" 2>&1 | grep -v "^W\|^I" | tail -12
 done
 timeout 180 python3 -m qreg.main --config=configs/fashion_mnist.py --workdir=/tmp/vgg_fmnist \

@@ -6,5 +6,5 @@ set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-timeout 165 python3 -m benchmarks.step_cost --models=mobilenetv2 --batch_size=128 --impls=hvp \
+timeout 165 python3 -m benchmarks.step_cost --models=mobilenetv2 --batch_sizes=128 --impls=hvp \
   --steps=10 --warmup_steps=1 --output_dir="$OUT/mnv2" 2>&1 | grep -v "^W\|^I" | tail -6
