@@ -241,7 +241,19 @@ def test_lazy_table_varies_only_the_penalty_schedule(tmp_path):
     config_lib.validate(config, num_devices=1)
     if run["labels"]["method"] != "no-reg":
       assert run["warm_start"] == f"no-reg/seed{run['labels']['seed']}"
+    if run["labels"]["method"] != "no-reg" and not run["labels"]["method"].endswith("-retuned"):
       schedules.add((config.reg.every_k_steps, config.reg.penalty_batch_fraction,
                      config.reg.lambda_w, config.reg.lambda_a))
   assert {(k, f) for k, f, _, _ in schedules} == {(k, f) for k in (1, 4, 16) for f in (1.0, 0.25)}
   assert len({(w, a) for _, _, w, a in schedules}) == 1  # one lambda pair, scaled only inside
+  # A retuned schedule (once chosen) has its own lambdas, from the lazy tuning's choices.
+  module = run_sweep.load_sweep_module(os.path.join(REPO, "configs", "tables",
+                                                    "fashion_mnist_lazy.py"))
+  if os.path.exists(module.RETUNED):
+    with open(module.RETUNED) as f:
+      retuned = json.load(f)["methods"]
+    for run in runs:
+      method = run["labels"]["method"]
+      if method.endswith("-retuned"):
+        overrides = retuned[method.removesuffix("-retuned")]["overrides"]
+        assert {k: run["overrides"][k] for k in overrides} == overrides
