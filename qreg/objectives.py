@@ -133,8 +133,19 @@ def objective_and_terms(loss: jax.Array, grad_w: PyTree, grad_a: PyTree, penalty
            "grad_l1_activations": l1_norm(grad_a)}
   if penalty.norm == "l2":
     terms.update(grad_l2_weights=l2_norms(kernels(grad_w)), grad_l2_activations=l2_norms(grad_a))
+  return objective(loss, terms, penalty), terms
+
+
+def objective(loss: jax.Array, terms: dict[str, jax.Array], penalty: Penalty) -> jax.Array:
+  """loss + lambda_w * (weight-gradient norm) + lambda_a * (activation-gradient norm), the
+  norms read from the logged terms of objective_and_terms."""
   penalty_w, penalty_a = terms[f"grad_{penalty.norm}_weights"], terms[f"grad_{penalty.norm}_activations"]
-  return loss + penalty.lambda_w * penalty_w + penalty.lambda_a * penalty_a, terms
+  return loss + penalty.lambda_w * penalty_w + penalty.lambda_a * penalty_a
+
+
+def _plus(grad_w: PyTree, penalty_grad: PyTree | None) -> PyTree:
+  """The task gradient plus the penalty's (None: no penalty gradient)."""
+  return grad_w if penalty_grad is None else jax.tree.map(jnp.add, grad_w, penalty_grad)
 
 
 def _norm_derivative(g: jax.Array, norm: str) -> jax.Array:
@@ -205,7 +216,7 @@ def hvp_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[str, jax
                        apply_fn: ApplyFn, penalty: Penalty):
   """Forward-over-reverse: dL/dtheta plus the Hessian-vector product (hvp_parts)."""
   value, grad_w, penalty_grad = hvp_parts(params, batch_stats, batch, apply_fn, penalty)
-  return value, jax.tree.map(jnp.add, grad_w, penalty_grad)
+  return value, _plus(grad_w, penalty_grad)
 
 
 def finite_difference_parts(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
@@ -244,9 +255,7 @@ def finite_difference_value_and_grad(params: PyTree, batch_stats: PyTree,
   """dL/dtheta plus the finite difference of finite_difference_parts."""
   value, grad_w, penalty_grad = finite_difference_parts(params, batch_stats, batch, apply_fn,
                                                         penalty)
-  if penalty_grad is None:
-    return value, grad_w
-  return value, jax.tree.map(jnp.add, grad_w, penalty_grad)
+  return value, _plus(grad_w, penalty_grad)
 
 
 def nested_parts(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
@@ -295,11 +304,8 @@ def penalized_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[st
   (_, (_, _, terms)), _, penalty_grad = PENALTY_PARTS[penalty.impl](
       params, batch_stats, penalty_batch, apply_fn, penalty)
   terms = dict(terms, task_loss=loss)
-  total = (loss + penalty.lambda_w * terms[f"grad_{penalty.norm}_weights"]
-           + penalty.lambda_a * terms[f"grad_{penalty.norm}_activations"])
-  if penalty_grad is not None:
-    grad_w = jax.tree.map(jnp.add, grad_w, penalty_grad)
-  return (total, (new_batch_stats, logits, terms)), grad_w
+  return ((objective(loss, terms, penalty), (new_batch_stats, logits, terms)),
+          _plus(grad_w, penalty_grad))
 
 
 def plain_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],
