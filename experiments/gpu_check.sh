@@ -5,9 +5,7 @@
 #   carried: .whl (ml_collections wheel), .data/fashion-mnist (the IDX files)
 # Writes to $OUT: step_cost_b128/, step_cost_b256/, vgg_fmnist.log, vgg_fmnist_results.json.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+source experiments/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax, optax, orbax.checkpoint; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q tests/test_layering.py -k "imports_point_down" 2>&1 | tail -2

@@ -5,9 +5,7 @@
 #   carried: .whl (ml_collections wheel)
 # Writes to $OUT: gpu.txt, step_cost_b128/, step_cost_b256/.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+source experiments/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 for batch in 128 256; do

@@ -18,15 +18,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+from experiments.make_tables import accuracy, mean_std  # pylint: disable=g-import-not-at-top
 
 SETTINGS = ((None, None), (4, 4), (3, 3))
 EXACT = "l1-k1-f1"
-
-
-def _accuracy(rows, setting) -> float:
-  return 100 * next(r["accuracy"] for r in rows if (r["weight_bits"], r["act_bits"]) == setting)
 
 
 def _schedule(method: str) -> tuple[int, float] | None:
@@ -42,11 +39,6 @@ def _costs(path: str, model: str, batch_size: int) -> dict[tuple[int, float], fl
       return {(r["every_k_steps"], r["penalty_batch_fraction"]): r["ratio_to_bare"]
               for r in entry["amortized"] if r["impl"] == "hvp"}
   raise ValueError(f"{path} has no {model} at batch {batch_size}.")
-
-
-def _mean_std(values) -> tuple[float, float]:
-  values = np.asarray(list(values), np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def main(argv):
@@ -70,8 +62,8 @@ def main(argv):
       continue
     k, fraction = schedule
     by_seed = {run["seed"]: run["rows"] for run in runs}
-    means = [_mean_std(_accuracy(rows, s) for rows in by_seed.values()) for s in SETTINGS]
-    deltas = [_mean_std(_accuracy(by_seed[seed], s) - _accuracy(exact[seed], s)
+    means = [mean_std(accuracy(rows, s) for rows in by_seed.values()) for s in SETTINGS]
+    deltas = [mean_std(accuracy(by_seed[seed], s) - accuracy(exact[seed], s)
                         for seed in by_seed if seed in exact) for s in SETTINGS]
     cost = costs.get((k, fraction), float("nan"))
     points[method] = (cost, means)

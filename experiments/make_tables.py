@@ -61,9 +61,20 @@ def summarize(by_method: dict[str, list[dict]]):
         if key not in settings:
           settings.append(key)
         accuracies[key].append(100 * r["accuracy"])
-    summary[method] = {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
-                       for k, v in accuracies.items()}
+    summary[method] = {k: (*mean_std(v), len(v)) for k, v in accuracies.items()}
   return summary, settings
+
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for a single value)."""
+  values = list(values)
+  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def accuracy(rows, setting) -> float:
+  """Accuracy (%) of a results row list at setting = (weight_bits, act_bits)."""
+  return 100 * next(r["accuracy"] for r in rows
+                    if (r["weight_bits"], r["act_bits"]) == tuple(setting))
 
 
 def markdown(summary, settings) -> str:

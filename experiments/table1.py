@@ -17,8 +17,9 @@ table1.json:
 import json
 import os
 
-import numpy as np
 from absl import app, flags
+
+from experiments.make_tables import accuracy, mean_std
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 PROTOCOLS = ("paper", "strong")
@@ -33,14 +34,7 @@ PAPER_4BIT = {"vgg": "VGG-like, CIFAR-10: 11.47% -> 85.99%",
 
 def _accuracies(per_seed: dict, method: str, width) -> dict[int, float]:
   """seed -> test accuracy (%) of `method` at W = A = width."""
-  return {run["seed"]: 100 * next(r["accuracy"] for r in run["rows"]
-                                  if r["weight_bits"] == width and r["act_bits"] == width)
-          for run in per_seed[method]}
-
-
-def _mean_std(values) -> tuple[float, float]:
-  values = np.asarray(list(values), np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+  return {run["seed"]: accuracy(run["rows"], (width, width)) for run in per_seed[method]}
 
 
 def read_network(network: str, protocol: str) -> dict | None:
@@ -49,7 +43,7 @@ def read_network(network: str, protocol: str) -> dict | None:
     return None
   with open(path) as f:
     per_seed = json.load(f)
-  table = {method: {str(w): _mean_std(_accuracies(per_seed, method, w).values()) for w in WIDTHS}
+  table = {method: {str(w): mean_std(_accuracies(per_seed, method, w).values()) for w in WIDTHS}
            for method in per_seed}
   no_reg_float = table["no-reg"]["None"][0]
   breaking = next((w for w in WIDTHS[1:]
@@ -60,7 +54,7 @@ def read_network(network: str, protocol: str) -> dict | None:
     for method in per_seed:
       if method != "no-reg":
         accuracy = _accuracies(per_seed, method, breaking)
-        gains[method] = _mean_std(accuracy[s] - base[s] for s in sorted(base) if s in accuracy)
+        gains[method] = mean_std(accuracy[s] - base[s] for s in sorted(base) if s in accuracy)
   return {"table": table, "breaking_width": breaking, "gains": gains,
           "seeds": sorted({run["seed"] for runs in per_seed.values() for run in runs})}
 

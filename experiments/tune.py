@@ -16,12 +16,8 @@ import numpy as np
 from absl import app, flags
 
 from experiments import run_sweep
+from experiments.make_tables import accuracy
 from qreg.quant import setting_name
-
-
-def _accuracy(rows, setting) -> float:
-  return 100 * next(r["accuracy"] for r in rows
-                    if (r["weight_bits"], r["act_bits"]) == tuple(setting))
 
 
 def choose(sweep_path: str, root: str) -> dict:
@@ -37,14 +33,14 @@ def choose(sweep_path: str, root: str) -> dict:
       raise ValueError(f"{path} was measured on {stored['config']['eval']['split']!r}; tuning "
                        "reads the validation split only.")
     results[run["name"]] = stored["rows"]
-  no_reg_float = _accuracy(results["no-reg"], (None, None))
+  no_reg_float = accuracy(results["no-reg"], (None, None))
   grid, chosen = [], {}
   for method, values in module.GRIDS.items():
     candidates = []
     for i, overrides in enumerate(values):
       rows = results[f"{method}/{i}"]
-      score = float(np.mean([_accuracy(rows, s) for s in module.CRITERION_SETTINGS]))
-      float_acc = _accuracy(rows, (None, None))
+      score = float(np.mean([accuracy(rows, s) for s in module.CRITERION_SETTINGS]))
+      float_acc = accuracy(rows, (None, None))
       eligible = no_reg_float - float_acc <= module.MAX_FLOAT_DROP
       grid.append({"method": method, "value": i, "overrides": overrides, "float": float_acc,
                    "criterion": score, "eligible": eligible,

@@ -10,7 +10,6 @@ Same data, seeds, epochs and warm starts as the tuned table
 `lazy_table` builds the same comparison for any tuned table.
 """
 import itertools
-import json
 import os
 
 from configs.tables import fashion_mnist_tuned, methods
@@ -37,16 +36,14 @@ def lazy_table(tuned_get_config, choices_path: str, seeds=fashion_mnist_tuned.SE
     return config
 
   def sweep():
-    with open(choices_path) as f:
-      l1 = json.load(f)["methods"]["l1"]["overrides"]
+    l1 = fashion_mnist_tuned.read_choices(choices_path)["l1"]
     chosen = {"no-reg": dict(methods.NO_PENALTY)}
     for every_k, fraction in itertools.product(EVERY_K, FRACTIONS):
       chosen[method_name(every_k, fraction)] = {**l1, "reg.every_k_steps": every_k,
                                                "reg.penalty_batch_fraction": fraction}
     if retuned_path and os.path.exists(retuned_path):
-      with open(retuned_path) as f:
-        chosen.update({f"{method}-retuned": choice["overrides"]
-                       for method, choice in json.load(f)["methods"].items()})
+      chosen.update({f"{method}-retuned": overrides for method, overrides
+                     in fashion_mnist_tuned.read_choices(retuned_path).items()})
     return methods.table_sweep(chosen, seeds)
 
   return get_config, sweep

@@ -21,6 +21,12 @@ RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "re
 SEEDS = (0, 1, 2)
 
 
+def read_choices(path: str) -> dict[str, dict]:
+  """method -> its chosen overrides, from a choices.json of experiments.tune."""
+  with open(path) as f:
+    return {method: choice["overrides"] for method, choice in json.load(f)["methods"].items()}
+
+
 def tuned_table(tuning_get_config, choices_path: str, seeds=SEEDS):
   """(get_config, sweep): the tuning config measured on the test set, no-reg and each method
   with the overrides chosen in choices_path, at each seed; only no-reg until they are chosen."""
@@ -33,9 +39,7 @@ def tuned_table(tuning_get_config, choices_path: str, seeds=SEEDS):
   def sweep():
     chosen = {"no-reg": dict(methods.NO_PENALTY)}
     if os.path.exists(choices_path):
-      with open(choices_path) as f:
-        chosen.update({method: choice["overrides"]
-                       for method, choice in json.load(f)["methods"].items()})
+      chosen.update(read_choices(choices_path))
     return methods.table_sweep(chosen, seeds)
 
   return get_config, sweep
