@@ -231,9 +231,9 @@ def test_paper_network_tuning_is_the_default_tuning_on_that_network(network, mod
   assert tuned_get_config().eval.split == "test"
 
 
-def test_lazy_table_varies_only_the_penalty_schedule(tmp_path):
-  get_config, runs = run_sweep.load_sweep(
-      os.path.join(REPO, "configs", "tables", "fashion_mnist_lazy.py"))
+@pytest.mark.parametrize("table", ["fashion_mnist_lazy", "fashion_mnist_vgg_lazy"])
+def test_lazy_table_varies_only_the_penalty_schedule(table, tmp_path):
+  get_config, runs = run_sweep.load_sweep(os.path.join(REPO, "configs", "tables", f"{table}.py"))
   schedules = set()
   for run in runs:
     config = run_sweep.run_config(get_config, run)
@@ -247,8 +247,7 @@ def test_lazy_table_varies_only_the_penalty_schedule(tmp_path):
   assert {(k, f) for k, f, _, _ in schedules} == {(k, f) for k in (1, 4, 16) for f in (1.0, 0.25)}
   assert len({(w, a) for _, _, w, a in schedules}) == 1  # one lambda pair, scaled only inside
   # A retuned schedule (once chosen) has its own lambdas, from the lazy tuning's choices.
-  module = run_sweep.load_sweep_module(os.path.join(REPO, "configs", "tables",
-                                                    "fashion_mnist_lazy.py"))
+  module = run_sweep.load_sweep_module(os.path.join(REPO, "configs", "tables", f"{table}.py"))
   if os.path.exists(module.RETUNED):
     with open(module.RETUNED) as f:
       retuned = json.load(f)["methods"]
@@ -257,3 +256,16 @@ def test_lazy_table_varies_only_the_penalty_schedule(tmp_path):
       if method.endswith("-retuned"):
         overrides = retuned[method.removesuffix("-retuned")]["overrides"]
         assert {k: run["overrides"][k] for k in overrides} == overrides
+
+
+def test_vgg_lazy_tuning_is_the_default_lazy_tuning_on_vgg():
+  default_get_config, default_runs = run_sweep.load_sweep(
+      os.path.join(REPO, "configs", "tables", "fashion_mnist_lazy_tuning.py"))
+  get_config, runs = run_sweep.load_sweep(
+      os.path.join(REPO, "configs", "tables", "fashion_mnist_vgg_lazy_tuning.py"))
+  assert runs == default_runs  # the same grid, seed and warm start
+  # Its no-reg run is the VGG tuning's, so experiments/lazy_parity.sh can share it.
+  tuning_get_config, tuning_runs = run_sweep.load_sweep(
+      os.path.join(REPO, "configs", "tables", "fashion_mnist_vgg_tuning.py"))
+  assert get_config().to_json() == tuning_get_config().to_json()
+  assert runs[0] == tuning_runs[0] and runs[0]["name"] == "no-reg"

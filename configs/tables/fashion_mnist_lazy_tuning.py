@@ -8,6 +8,8 @@ split and criterion.
         --workdir=$W/default/lazy_tuning --out=experiments/results/fashion_mnist_lazy/tuning
 
 configs/tables/fashion_mnist_lazy.py then adds the chosen schedule's 3 seeds as l1-k4-f0.25-retuned.
+`lazy_tuning_table` builds the same tuning on any base config (experiments/lazy_parity.sh runs
+it for a paper network).
 """
 from configs import fashion_mnist
 from configs.tables.fashion_mnist_tuning import CRITERION_SETTINGS, MAX_FLOAT_DROP, tuning_table
@@ -16,4 +18,10 @@ GRIDS = {"l1-k4-f0.25": [{"reg.norm": "l1", "reg.lambda_a": a, "reg.lambda_w": a
                           "reg.every_k_steps": 4, "reg.penalty_batch_fraction": 0.25}
                          for a in (0.001, 0.003, 0.01, 0.03)]}
 
-get_config, sweep = tuning_table(fashion_mnist.get_config, grids=GRIDS)
+
+def lazy_tuning_table(base_get_config):
+  """(get_config, sweep): no-reg and GRIDS on base_get_config, as tuning_table runs them."""
+  return tuning_table(base_get_config, grids=GRIDS)
+
+
+get_config, sweep = lazy_tuning_table(fashion_mnist.get_config)
