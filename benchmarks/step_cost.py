@@ -35,7 +35,8 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from configs import cifar10_mobilenetv2, cifar10_resnet18, cifar10_vgg, fashion_mnist
+from configs import (cifar10_mobilenetv2, cifar10_resnet18, cifar10_vgg, fashion_mnist,
+                     fashion_mnist_mobilenetv2, fashion_mnist_resnet18, fashion_mnist_vgg)
 from qreg import models, objectives, parallel, train
 
 # Model name -> (config module giving model, batch size, optimizer and lambdas; input shape).
@@ -44,6 +45,10 @@ BENCHMARKS = {
     "vgg_like": (cifar10_vgg, (32, 32, 3)),
     "resnet18": (cifar10_resnet18, (32, 32, 3)),
     "mobilenetv2": (cifar10_mobilenetv2, (32, 32, 3)),
+    # The CPU-scale Table 1 networks (README, "Table 1").
+    "vgg_like_fmnist": (fashion_mnist_vgg, (28, 28, 1)),
+    "resnet18_fmnist": (fashion_mnist_resnet18, (28, 28, 1)),
+    "mobilenetv2_fmnist": (fashion_mnist_mobilenetv2, (28, 28, 1)),
 }
 NUM_CLASSES = 10  # of every benchmarked dataset
 BARE, PLAIN = "bare", "plain"

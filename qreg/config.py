@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "small_cnn"
-  config.model.stem = "cifar"  # resnet18 and mobilenetv2: 'cifar' or 'imagenet'
+  config.model.stem = "cifar"  # resnet18: 'cifar'/'imagenet'; mobilenetv2 also 'stride16'
   # Channel multiplier (and VGG's hidden FC width); 1.0 = the published architectures.
   config.model.width = 1.0
   # The dtype training computes in: 'float32', or 'bfloat16' for GPUs and TPUs (params,
@@ -167,8 +167,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   parallel.check_batch_size(config.eval.batch_size, num_devices, "eval.batch_size")
 
   _check_choice("model.name", config.model.name, models.MODELS, "model")
-  if config.model.name in models.STEM_MODELS:
-    _check_choice("model.stem", config.model.stem, models.STEMS)
+  if config.model.name in models.STEMS:
+    _check_choice("model.stem", config.model.stem, models.STEMS[config.model.name])
   _check_number("model.width", config.model.width, positive=True)
   _check_choice("model.dtype", config.model.dtype, tuple(models.DTYPES))
 

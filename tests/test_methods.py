@@ -214,8 +214,10 @@ def test_tuning_grids_have_equal_budgets_and_choose_by_the_stated_criterion(tmp_
   assert {m: c["value"] for m, c in choice["methods"].items()} == {m: 2 for m in module.GRIDS}
 
 
-@pytest.mark.parametrize("network,model_name", [("vgg", "vgg_like"), ("resnet18", "resnet18")])
-def test_paper_network_tuning_is_the_default_tuning_on_that_network(network, model_name,
+@pytest.mark.parametrize("network,model_name,width", [
+    ("vgg", "vgg_like", 0.125), ("resnet18", "resnet18", 0.125),
+    ("mobilenetv2", "mobilenetv2", 0.35)])
+def test_paper_network_tuning_is_the_default_tuning_on_that_network(network, model_name, width,
                                                                     tmp_path):
   default_get_config, default_runs = run_sweep.load_sweep(
       os.path.join(REPO, "configs", "tables", "fashion_mnist_tuning.py"))
@@ -223,8 +225,8 @@ def test_paper_network_tuning_is_the_default_tuning_on_that_network(network, mod
       os.path.join(REPO, "configs", "tables", f"fashion_mnist_{network}_tuning.py"))
   assert runs == default_runs  # the same grids, seed and warm starts
   config = get_config()
-  assert (config.model.name, config.model.width) == (model_name, 0.125)
-  config.model.name, config.model.width = "small_cnn", 1.0
+  assert (config.model.name, config.model.width) == (model_name, width)
+  config.model.name, config.model.width, config.model.stem = "small_cnn", 1.0, "cifar"
   assert config.to_json() == default_get_config().to_json()  # only the model differs
   tuned_get_config, _ = run_sweep.load_sweep(
       os.path.join(REPO, "configs", "tables", f"fashion_mnist_{network}_tuned.py"))

@@ -65,7 +65,8 @@ def random_variables(model, shape, seed=0):
           for collection in ("params", "batch_stats")}
 
 
-@pytest.mark.parametrize("stem,shape", [("cifar", SHAPE), ("imagenet", (2, 32, 32, 3))])
+@pytest.mark.parametrize("stem,shape", [("cifar", SHAPE), ("stride16", (2, 28, 28, 1)),
+                                        ("imagenet", (2, 32, 32, 3))])
 def test_fold_batch_norm_preserves_mobilenet_outputs(stem, shape):
   model = MobileNetV2(stem=stem, width_multiplier=0.25)
   variables = random_variables(model, shape)
@@ -196,3 +197,13 @@ def test_nonpositive_width_rejected(tmp_path):
   config.model.name, config.model.width = "vgg_like", 0.0
   with pytest.raises(ValueError, match=r"model.width=0.0 must be a finite number > 0"):
     config_lib.validate(config, num_devices=1)
+
+
+@pytest.mark.parametrize("stem,final_map", [("cifar", 4), ("stride16", 2), ("imagenet", 1)])
+def test_mobilenet_stems_total_strides_on_28x28(stem, final_map):
+  # 8, 16 and 32: the stride-2 layers each stem keeps, counted from the map the last conv sees.
+  model = MobileNetV2(stem=stem, width_multiplier=0.25)
+  x = jnp.zeros(SHAPE)
+  variables = model.init(jax.random.key(0), x)
+  _, state = model.apply(variables, x, capture_intermediates=lambda m, _: m.name == "last")
+  assert state["intermediates"]["last"]["__call__"][0].shape[1:3] == (final_map, final_map)

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 
 from qreg.models.convnets import ConvNet, SmallCNN, VGGLike
 from qreg.models.layers import BN_EPSILON
-from qreg.models.mobilenet import MobileNetV2
+from qreg.models.mobilenet import STEM_STRIDES, MobileNetV2
 from qreg.models.resnet import ResNet18
 
-# model.stem of the models that have one (resnet18, mobilenetv2).
-STEMS = ("cifar", "imagenet")
+# model.stem's choices, for the models that have one.
+STEMS = {"resnet18": ("cifar", "imagenet"), "mobilenetv2": tuple(STEM_STRIDES)}
 # name -> (model_config, num_classes) -> the float, unfolded model (model.width scales channels).
 _BUILDERS: dict[str, Callable] = {
     "small_cnn": lambda c, num_classes: SmallCNN(num_classes=num_classes,
@@ -29,8 +29,6 @@ _BUILDERS: dict[str, Callable] = {
     "mobilenetv2": lambda c, num_classes: MobileNetV2(num_classes=num_classes, stem=c.stem,
                                                       width_multiplier=c.width),
 }
-# Those with a model.stem.
-STEM_MODELS = ("resnet18", "mobilenetv2")
 MODELS = tuple(_BUILDERS)
 
 
@@ -69,6 +67,6 @@ def with_compute_dtype(model, dtype_name: str):
   return model.clone(dtype=DTYPES[dtype_name])
 
 
-__all__ = ["BN_EPSILON", "ConvNet", "DTYPES", "MODELS", "MobileNetV2", "ResNet18", "STEMS", "STEM_MODELS",
+__all__ = ["BN_EPSILON", "ConvNet", "DTYPES", "MODELS", "MobileNetV2", "ResNet18", "STEMS",
            "SmallCNN", "VGGLike", "build_model", "register_model", "unregister_model",
            "with_compute_dtype"]

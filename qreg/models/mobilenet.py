@@ -1,10 +1,14 @@
 """MobileNetV2 (Sandler et al. 2018): inverted residual blocks with linear bottlenecks.
 
-Two stems:
+Three stems, which differ only in strides (STEM_STRIDES):
 - 'imagenet': the paper's network for 224x224 inputs, total stride 32 (7x7 final map);
 - 'cifar': for 28x28 / 32x32 inputs, the stem conv and the first stride-2 stage
   (24 channels) at stride 1, as in kuangliu/pytorch-cifar: total stride 8, so
-  32x32 and 28x28 inputs both end in a 4x4 map.
+  32x32 and 28x28 inputs both end in a 4x4 map;
+- 'stride16': the ImageNet stem conv (stride 2) and the 24-channel stage at stride 1:
+  total stride 16, 28x28 inputs end in a 2x2 map (the ImageNet stem would reach 1x1 maps
+  two stages early, where a 3x3 depthwise kernel sees only padding off its centre tap),
+  at about a quarter of the cifar stem's cost (configs/fashion_mnist_mobilenetv2.py).
 Every conv is a ConvBN block (the depthwise ones too), so BatchNorm folds away
 as in the other models. Activations are tapped after each ReLU6 (unsigned:
 the model's act_scheme) and at each linear bottleneck output and residual sum
@@ -23,8 +27,9 @@ INVERTED_RESIDUAL_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64,
                             (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 STEM_CHANNELS = 32
 LAST_CHANNELS = 1280
-# The cifar stem runs these stages' first blocks at stride 1 (indices into the stages).
-CIFAR_STRIDE_1_STAGES = (1,)
+# stem -> (the stem conv's stride, the stages whose first block runs at stride 1 instead of
+# the table's 2, as indices into the stages).
+STEM_STRIDES = {"cifar": (1, (1,)), "stride16": (2, (1,)), "imagenet": (2, ())}
 CHANNEL_DIVISOR = 8
 
 
@@ -81,15 +86,16 @@ class MobileNetV2(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    if self.stem not in ("cifar", "imagenet"):
-      raise ValueError(f"Unknown MobileNetV2 stem {self.stem!r}; expected 'cifar' or 'imagenet'.")
-    cifar = self.stem == "cifar"
-    stem_strides = (1, 1) if cifar else (2, 2)
-    x = ConvBN(make_divisible(STEM_CHANNELS * self.width_multiplier), strides=stem_strides,
+    if self.stem not in STEM_STRIDES:
+      raise ValueError(f"Unknown MobileNetV2 stem {self.stem!r}; expected one of "
+                       f"{tuple(STEM_STRIDES)}.")
+    stem_stride, stride_1_stages = STEM_STRIDES[self.stem]
+    x = ConvBN(make_divisible(STEM_CHANNELS * self.width_multiplier),
+               strides=(stem_stride, stem_stride),
                folded=self.folded, dtype=self.dtype, name="stem")(x, train)
     x = activation_tap(self, "stem_act")(nn.relu6(x))
     for stage, (expansion, channels, num_blocks, strides) in enumerate(self.stages):
-      if cifar and stage in CIFAR_STRIDE_1_STAGES:
+      if stage in stride_1_stages:
         strides = 1
       for block in range(num_blocks):
         x = InvertedResidual(make_divisible(channels * self.width_multiplier), expansion,
