@@ -11,8 +11,6 @@ round, median per variant, each as a multiple of VGG-like's. Writes mobilenet_st
 import functools
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,7 @@ from absl import app
 
 # --steps and --output_dir are step_cost's flags (defined there, shared by this benchmark).
 from benchmarks.step_cost import (_OUTPUT_DIR, _STEPS, NUM_CLASSES, make_bare_train_step,
-                                  synthetic_batch)
+                                  median_step_seconds, synthetic_batch)
 from configs import fashion_mnist_mobilenetv2, fashion_mnist_vgg
 from qreg import models, parallel, train
 
@@ -52,14 +50,7 @@ def main(argv):
     compiled[name] = step.lower(state, batch).compile()
     states[name], _ = compiled[name](jax.tree.map(jnp.copy, state), batch)  # warm-up
     print(f"compiled {name}", flush=True)
-  times = {name: [] for name in compiled}
-  for _ in range(_STEPS.value):
-    for name, step in compiled.items():
-      start = time.perf_counter()
-      states[name], metrics = step(states[name], batch)
-      jax.block_until_ready((states[name], metrics))
-      times[name].append(time.perf_counter() - start)
-  medians = {name: statistics.median(t) for name, t in times.items()}
+  medians = median_step_seconds(compiled, states, batch, _STEPS.value)
   rows = [{"model": name, "step_ms": 1e3 * m, "ratio_to_vgg": m / medians[REFERENCE]}
           for name, m in medians.items()]
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)

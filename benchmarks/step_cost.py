@@ -107,6 +107,20 @@ def make_bare_train_step(apply_fn, optimizer: optax.GradientTransformation):
   return train_step
 
 
+def median_step_seconds(compiled_steps: dict, states: dict, batch, steps: int) -> dict:
+  """name -> median wall time (s) of compiled_steps[name](state, batch) -> (state, metrics),
+  over `steps` rounds of one step of each, so that load from other processes slows them alike;
+  states[name] advances with each step."""
+  times = {name: [] for name in compiled_steps}
+  for _ in range(steps):
+    for name, compiled in compiled_steps.items():
+      start = time.perf_counter()
+      states[name], metrics = compiled(states[name], batch)
+      jax.block_until_ready((states[name], metrics))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 def flat_gradient(params, batch_stats, batch, apply_fn, penalty, sub_batch) -> np.ndarray:
   def value_and_grad(params, batch_stats, batch):
     penalty_batch = None if sub_batch is None else parallel.leading_per_device(batch, *sub_batch)
@@ -169,16 +183,9 @@ def measure_model(name: str, batch_size: int | None, impls: list[str], fractions
     jax.block_until_ready(state)
     states[variant] = state
 
-  times = {variant: [] for variant in train_steps}
-  for _ in range(steps):
-    for variant, compiled in compiled_steps.items():
-      start = time.perf_counter()
-      states[variant], metrics = compiled(states[variant], batch)
-      jax.block_until_ready((states[variant], metrics))
-      times[variant].append(time.perf_counter() - start)
-
+  medians = median_step_seconds(compiled_steps, states, batch, steps)
   for variant, row in rows.items():
-    row["median_step_s"] = statistics.median(times[variant])
+    row["median_step_s"] = medians[variant]
   bare_time, plain_time = rows[BARE]["median_step_s"], rows[PLAIN]["median_step_s"]
   for variant, row in rows.items():
     row["ratio_to_bare"] = row["median_step_s"] / bare_time
