@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# A network's l1 grid extended downward when the pre-registered tuning found no l1 value within
+# the float budget (README, "Table 1"): the extension's tuning on the validation split, sharing
+# the tuning's no-reg run, then l1 at its choice for 3 seeds on the test set, sharing the tuned
+# table's no-reg runs, under the paper and the strong protocol. Run after network_table.sh.
+#   NET=resnet18 W=<workdir root> bash experiments/l1_low.sh
+# Every step skips what is already done, so rerunning resumes.
+set -euo pipefail
+NET=${NET:?set NET to a network with configs/tables/fashion_mnist_\$NET_l1_low*.py}
+W=${W:?set W to a directory for the runs}
+PY=${PY:-.venv/bin/python}
+ROOT=$W/$NET; OUT=experiments/results/$NET/l1_low
+TABLES=configs/tables/fashion_mnist_${NET}_l1_low
+link() {  # link <finished run> <run dir>: share a finished no-reg run instead of retraining it
+  if [ -f $1/results.json ] && [ ! -e $2 ]; then mkdir -p $(dirname $2); ln -s $1 $2; fi
+}
+link $ROOT/tuning/no-reg $ROOT/l1_low_tuning/no-reg
+for seed in 0 1 2; do link $ROOT/tuned/no-reg/seed$seed $ROOT/l1_low/no-reg/seed$seed; done
+$PY -m experiments.run_sweep --config=${TABLES}_tuning.py --workdir=$ROOT/l1_low_tuning
+$PY -m experiments.tune --config=${TABLES}_tuning.py --workdir=$ROOT/l1_low_tuning \
+  --out=$OUT/tuning
+$PY -m experiments.run_sweep --config=${TABLES}.py --workdir=$ROOT/l1_low
+$PY -m experiments.make_tables --workdir=$ROOT/l1_low --out=$OUT/paper
+$PY -m experiments.reevaluate --workdir=$ROOT/l1_low --protocol=strong
+$PY -m experiments.make_tables --workdir=$ROOT/l1_low --results=results_strong.json \
+  --out=$OUT/strong
