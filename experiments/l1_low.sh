@@ -11,15 +11,8 @@ W=${W:?set W to a directory for the runs}
 PY=${PY:-.venv/bin/python}
 ROOT=$W/$NET; OUT=experiments/results/$NET/l1_low
 TABLES=configs/tables/fashion_mnist_${NET}_l1_low
-link() {  # link <finished run> <run dir>: share a finished no-reg run instead of retraining it
-  if [ -f $1/results.json ] && [ ! -e $2 ]; then mkdir -p $(dirname $2); ln -s $1 $2; fi
-}
-link $ROOT/tuning/no-reg $ROOT/l1_low_tuning/no-reg
-for seed in 0 1 2; do link $ROOT/tuned/no-reg/seed$seed $ROOT/l1_low/no-reg/seed$seed; done
-$PY -m experiments.run_sweep --config=${TABLES}_tuning.py --workdir=$ROOT/l1_low_tuning
-$PY -m experiments.tune --config=${TABLES}_tuning.py --workdir=$ROOT/l1_low_tuning \
-  --out=$OUT/tuning
-$PY -m experiments.run_sweep --config=${TABLES}.py --workdir=$ROOT/l1_low
+source $(dirname $0)/supplement.sh
+supplement $TABLES $ROOT l1_low $OUT
 $PY -m experiments.make_tables --workdir=$ROOT/l1_low --out=$OUT/paper
 $PY -m experiments.reevaluate --workdir=$ROOT/l1_low --protocol=strong
 $PY -m experiments.make_tables --workdir=$ROOT/l1_low --results=results_strong.json \

@@ -14,13 +14,6 @@ if [ -n "${NET:-}" ]; then
 else
   TABLES=configs/tables/fashion_mnist; ROOT=$W/default; OUT=experiments/results/fashion_mnist_lazy
 fi
-link() {  # link <finished run> <run dir>: share a finished no-reg run instead of retraining it
-  if [ -f $1/results.json ] && [ ! -e $2 ]; then mkdir -p $(dirname $2); ln -s $1 $2; fi
-}
-link $ROOT/tuning/no-reg $ROOT/lazy_tuning/no-reg
-for seed in 0 1 2; do link $ROOT/tuned/no-reg/seed$seed $ROOT/lazy/no-reg/seed$seed; done
-$PY -m experiments.run_sweep --config=${TABLES}_lazy_tuning.py --workdir=$ROOT/lazy_tuning
-$PY -m experiments.tune --config=${TABLES}_lazy_tuning.py --workdir=$ROOT/lazy_tuning \
-  --out=$OUT/tuning
-$PY -m experiments.run_sweep --config=${TABLES}_lazy.py --workdir=$ROOT/lazy
+source $(dirname $0)/supplement.sh
+supplement ${TABLES}_lazy $ROOT lazy $OUT
 $PY -m experiments.make_tables --workdir=$ROOT/lazy --out=$OUT
