@@ -8,13 +8,11 @@ set -euo pipefail
 W=${W:?set W to a directory for the runs}
 PY=${PY:-.venv/bin/python}
 OUT=experiments/results
+source $(dirname $0)/steps.sh
 $PY -m experiments.run_sweep --config=configs/tables/fashion_mnist_tuning.py --workdir=$W/tuning
 $PY -m experiments.tune --workdir=$W/tuning --out=$OUT/fashion_mnist_tuning
 $PY -m experiments.run_sweep --config=configs/tables/fashion_mnist_tuned.py --workdir=$W/tuned
-$PY -m experiments.make_tables --workdir=$W/tuned --out=$OUT/fashion_mnist_tuned/paper
-$PY -m experiments.reevaluate --workdir=$W/tuned --protocol=strong
-$PY -m experiments.make_tables --workdir=$W/tuned --results=results_strong.json \
-  --out=$OUT/fashion_mnist_tuned/strong
+both_protocols $W/tuned $OUT/fashion_mnist_tuned
 if [ -n "${NOREG:-}" ] && [ -n "${L1:-}" ]; then
   [ -f $OUT/protocol_ladder/ladder.md ] || $PY -m experiments.reevaluate --ladder \
     --workdirs=$NOREG,$L1 --labels=no-reg,l1 --out=$OUT/protocol_ladder

@@ -11,9 +11,6 @@ W=${W:?set W to a directory for the runs}
 PY=${PY:-.venv/bin/python}
 ROOT=$W/$NET; OUT=experiments/results/$NET/l1_low
 TABLES=configs/tables/fashion_mnist_${NET}_l1_low
-source $(dirname $0)/supplement.sh
+source $(dirname $0)/steps.sh
 supplement $TABLES $ROOT l1_low $OUT
-$PY -m experiments.make_tables --workdir=$ROOT/l1_low --out=$OUT/paper
-$PY -m experiments.reevaluate --workdir=$ROOT/l1_low --protocol=strong
-$PY -m experiments.make_tables --workdir=$ROOT/l1_low --results=results_strong.json \
-  --out=$OUT/strong
+both_protocols $ROOT/l1_low $OUT

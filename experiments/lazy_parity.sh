@@ -14,6 +14,6 @@ if [ -n "${NET:-}" ]; then
 else
   TABLES=configs/tables/fashion_mnist; ROOT=$W/default; OUT=experiments/results/fashion_mnist_lazy
 fi
-source $(dirname $0)/supplement.sh
+source $(dirname $0)/steps.sh
 supplement ${TABLES}_lazy $ROOT lazy $OUT
 $PY -m experiments.make_tables --workdir=$ROOT/lazy --out=$OUT

@@ -10,10 +10,8 @@ W=${W:?set W to a directory for the runs}
 PY=${PY:-.venv/bin/python}
 OUT=experiments/results/$NET
 TABLES=configs/tables/fashion_mnist_$NET
+source $(dirname $0)/steps.sh
 $PY -m experiments.run_sweep --config=${TABLES}_tuning.py --workdir=$W/$NET/tuning
 $PY -m experiments.tune --config=${TABLES}_tuning.py --workdir=$W/$NET/tuning --out=$OUT/tuning
 $PY -m experiments.run_sweep --config=${TABLES}_tuned.py --workdir=$W/$NET/tuned
-$PY -m experiments.make_tables --workdir=$W/$NET/tuned --out=$OUT/paper
-$PY -m experiments.reevaluate --workdir=$W/$NET/tuned --protocol=strong
-$PY -m experiments.make_tables --workdir=$W/$NET/tuned --results=results_strong.json \
-  --out=$OUT/strong
+both_protocols $W/$NET/tuned $OUT
