@@ -266,28 +266,54 @@ class SweepEvaluator:
                         ) -> tuple[PyTree, dict[str, float]]:
     """The folded params with kernels at `bits` (rules applied): rounded to nearest or by
     AdaRound, then bias-corrected, as the setup says; and the seconds each step took."""
-    qparams = self.setup.quantize_weights(folded_params, bits)
-    if bits is None or not (self.setup.adaround or self.setup.bias_correction):
-      return qparams, {}
-    times = {}
+    return self.quantized_weights_at(folded_params, [bits])[bits]
+
+  def quantized_weights_at(self, folded_params: PyTree, bit_widths: Sequence[int | None]
+                           ) -> dict[int | None, tuple[PyTree, dict[str, float]]]:
+    """quantized_weights at each of bit_widths, the same numbers as one at a time: bias
+    correction visits each layer once for all of them, so the float model's outputs of a
+    layer are computed once rather than once per bit-width (that time counts in the first)."""
+    bit_widths = list(dict.fromkeys(bit_widths))
+    done = {bits: (self.setup.quantize_weights(folded_params, bits), {}) for bits in bit_widths}
+    todo = [bits for bits in bit_widths if bits is not None]
+    if not todo or not (self.setup.adaround or self.setup.bias_correction):
+      return done
     images = self.calibration_images()
-    layers = [(tuple(path.split("/")[:-1]), layer_bits) for path in self.kernel_order
-              if (layer_bits := quant.weight_bits_for(tuple(path.split("/")), bits,
-                                                      self.setup.weight_rules)) is not None]
+    layers = {bits: [(tuple(path.split("/")[:-1]), layer_bits) for path in self.kernel_order
+                     if (layer_bits := quant.weight_bits_for(tuple(path.split("/")), bits,
+                                                             self.setup.weight_rules)) is not None]
+              for bits in todo}
     if self.setup.adaround:
-      start = time.time()
-      for layer, layer_bits in layers:
-        qparams = self._adaround_layer(folded_params, qparams, images, layer, layer_bits)
-      times["adaround_seconds"] = time.time() - start
+      for bits in todo:
+        qparams, times = done[bits]
+        start = time.time()
+        for layer, layer_bits in layers[bits]:
+          qparams = self._adaround_layer(folded_params, qparams, images, layer, layer_bits)
+        times["adaround_seconds"] = time.time() - start
+        done[bits] = qparams, times
     if self.setup.bias_correction:
-      start = time.time()
-      for layer, _ in layers:
-        correction = rounding.bias_correction(self._layer_outputs(folded_params, images, layer, 1),
-                                              self._layer_outputs(qparams, images, layer, 1))
-        bias_path = layer + ("bias",)
-        qparams = _with_leaf(qparams, bias_path, _get(qparams, bias_path) - correction)
-      times["bias_correction_seconds"] = time.time() - start
-    return qparams, times
+      seconds = dict.fromkeys(todo, 0.0)
+      corrected = {bits: {layer for layer, _ in layers[bits]} for bits in todo}
+      for path in self.kernel_order:  # each bit-width's layers in its own (call) order
+        layer = tuple(path.split("/")[:-1])
+        if not any(layer in corrected[bits] for bits in todo):
+          continue
+        start = time.time()
+        float_outputs = self._layer_outputs(folded_params, images, layer, 1)
+        seconds[todo[0]] += time.time() - start
+        for bits in todo:
+          if layer not in corrected[bits]:
+            continue
+          start = time.time()
+          qparams, times = done[bits]
+          correction = rounding.bias_correction(float_outputs,
+                                                self._layer_outputs(qparams, images, layer, 1))
+          bias_path = layer + ("bias",)
+          done[bits] = _with_leaf(qparams, bias_path, _get(qparams, bias_path) - correction), times
+          seconds[bits] += time.time() - start
+      for bits in todo:
+        done[bits][1]["bias_correction_seconds"] = seconds[bits]
+    return done
 
   def _adaround_layer(self, folded_params: PyTree, qparams: PyTree, images: np.ndarray,
                       layer: tuple[str, ...], bits: int) -> PyTree:
@@ -329,10 +355,9 @@ class SweepEvaluator:
 def evaluate_bit_settings(evaluator: SweepEvaluator, folded_params: PyTree,
                           settings: Sequence[config_lib.BitSetting]) -> Iterator[Row]:
   """Yields the accuracy row of the folded model at each (weight_bits, act_bits) setting."""
-  weights_by_bits, samples_by_bits = {}, {}
+  weights_by_bits = evaluator.quantized_weights_at(folded_params, [w for w, _ in settings])
+  samples_by_bits = {}
   for weight_bits, act_bits in settings:
-    if weight_bits not in weights_by_bits:
-      weights_by_bits[weight_bits] = evaluator.quantized_weights(folded_params, weight_bits)
     qparams, times = weights_by_bits[weight_bits]
     if act_bits is not None and weight_bits not in samples_by_bits:
       samples_by_bits[weight_bits] = evaluator.calibration_samples(qparams)

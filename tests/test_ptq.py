@@ -83,3 +83,18 @@ def test_adaround_codes_are_floor_or_ceil_and_reconstruct_no_worse(folded_and_ev
     assert np.all((codes == np.floor(ratio)) | (codes == np.ceil(ratio))
                   | (np.abs(codes) == 3)), path
   del nearest
+
+
+def test_bias_correction_at_several_bit_widths_at_once_equals_one_at_a_time(folded_and_evaluator):
+  folded, evaluator = folded_and_evaluator
+  order = ptq.kernel_call_order(MODEL, (28, 28, 1))
+  rules = (quant.WeightRule(order[0], 8), quant.WeightRule(order[-1], None))  # last left float
+  ev = evaluator(bias_correction=True, weight_rules=rules)
+  together = ev.quantized_weights_at(folded, [3, None, 8, 3, 2])
+  assert list(together) == [3, None, 8, 2]
+  for bits, (qparams, times) in together.items():
+    alone, alone_times = ev.quantized_weights(folded, bits)
+    jax.tree.map(np.testing.assert_array_equal, qparams, alone)
+    assert set(times) == set(alone_times) == ({"bias_correction_seconds"} if bits else set())
+  assert not np.array_equal(ptq._get(together[3][0], ("conv2", "conv", "bias")),
+                            ptq._get(ev.setup.quantize_weights(folded, 3), ("conv2", "conv", "bias")))
