@@ -5,7 +5,10 @@
 Reads every <dir>/**/run.json (written by experiments.run_sweep) with the
 results.json beside it, groups runs by labels["method"] over labels["seed"],
 and writes table.md, table.json and accuracy.png (accuracy against bit-width,
-one line per method, error bars = std over seeds).
+one line per method, error bars = std over seeds), per_seed.json, and, when the
+sweep has no-reg runs, gains.md and gains.json: each method's accuracy minus
+no-reg's on the same seed (its runs warm-start from that seed's no-reg run), mean
+± std over seeds and every seed's value, at every setting.
 """
 import collections
 import json
@@ -77,10 +80,47 @@ def accuracy(rows, setting) -> float:
                     if (r["weight_bits"], r["act_bits"]) == tuple(setting))
 
 
+def paired_gains(by_method: dict[str, list[dict]], setting) -> dict[str, dict]:
+  """method -> {"mean", "std", "per_seed": {seed: points}}: its accuracy minus no-reg's at
+  setting, seed by seed, over the seeds both have; empty without no-reg runs."""
+  if "no-reg" not in by_method:
+    return {}
+  base = {run["seed"]: accuracy(run["rows"], setting) for run in by_method["no-reg"]}
+  gains = {}
+  for method, runs in by_method.items():
+    if method == "no-reg":
+      continue
+    own = {run["seed"]: accuracy(run["rows"], setting) for run in runs}
+    per_seed = {seed: own[seed] - base[seed] for seed in sorted(base) if seed in own}
+    if per_seed:
+      mean, std = mean_std(per_seed.values())
+      gains[method] = {"mean": mean, "std": std, "per_seed": per_seed}
+  return gains
+
+
+def gains_markdown(gains_by_setting: dict, settings) -> str:
+  lines = ["Paired gain over no-reg (points): a method's test accuracy minus no-reg's on the "
+           "same seed; mean ± std over seeds, then each seed's value.", "",
+           "| method | " + " | ".join(_setting_label(s) for s in settings) + " |",
+           "|---|" + "---|" * len(settings)]
+  methods = list(dict.fromkeys(m for gains in gains_by_setting.values() for m in gains))
+  for method in methods:
+    cells = []
+    for setting in settings:
+      g = gains_by_setting[setting].get(method)
+      cells.append("" if g is None else f"{g['mean']:+.2f} ± {g['std']:.2f} (" + " / ".join(
+          f"{v:+.1f}" for v in g["per_seed"].values()) + ")")
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _setting_label(setting) -> str:
+  w, a = setting
+  return "float" if w is None and a is None else f"({report.setting_name(w)},{report.setting_name(a)})"
+
+
 def markdown(summary, settings) -> str:
-  header = "| method | " + " | ".join(
-      "float" if w is None and a is None else f"({report.setting_name(w)},{report.setting_name(a)})"
-      for w, a in settings) + " | seeds |"
+  header = "| method | " + " | ".join(_setting_label(s) for s in settings) + " | seeds |"
   lines = [header, "|---|" + "---|" * (len(settings) + 1)]
   for method, cells in summary.items():
     seeds = max(n for _, _, n in cells.values())
@@ -128,6 +168,15 @@ def make_tables(root: str, out: str, results_name: str = "results.json") -> str:
         {k: r[k] for k in ("weight_bits", "act_bits", "accuracy")} for r in run["rows"]]}
                         for run in runs] for method, runs in by_method.items()}, f, indent=2)
   plot(summary, settings, os.path.join(out, "accuracy.png"))
+  gains = {setting: paired_gains(by_method, setting) for setting in settings
+           if all(setting in {(r["weight_bits"], r["act_bits"]) for r in run["rows"]}
+                  for runs in by_method.values() for run in runs)}
+  if any(gains.values()):
+    with open(os.path.join(out, "gains.md"), "w") as f:
+      f.write(gains_markdown(gains, list(gains)))
+    with open(os.path.join(out, "gains.json"), "w") as f:
+      json.dump([{"weight_bits": w, "act_bits": a, "gains": g} for (w, a), g in gains.items()],
+                f, indent=2)
   return table
 
 

@@ -19,7 +19,7 @@ import os
 
 from absl import app, flags
 
-from experiments.make_tables import accuracy, mean_std
+from experiments.make_tables import accuracy, mean_std, paired_gains
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 PROTOCOLS = ("paper", "strong")
@@ -50,11 +50,8 @@ def read_network(network: str, protocol: str) -> dict | None:
                    if no_reg_float - table["no-reg"][str(w)][0] >= BREAK_POINTS), None)
   gains = {}
   if breaking is not None:
-    base = _accuracies(per_seed, "no-reg", breaking)
-    for method in per_seed:
-      if method != "no-reg":
-        accuracy = _accuracies(per_seed, method, breaking)
-        gains[method] = mean_std(accuracy[s] - base[s] for s in sorted(base) if s in accuracy)
+    gains = {method: (g["mean"], g["std"])
+             for method, g in paired_gains(per_seed, (breaking, breaking)).items()}
   return {"table": table, "breaking_width": breaking, "gains": gains,
           "seeds": sorted({run["seed"] for runs in per_seed.values() for run in runs})}
 

@@ -164,6 +164,35 @@ def test_sweep_runner_warm_start_and_tables(tmp_path):
   assert (tmp_path / "tables" / "accuracy.png").stat().st_size > 0
 
 
+def test_paired_gains_subtract_no_reg_seed_by_seed(tmp_path):
+  rng = np.random.default_rng(0)
+  acc = {(m, seed): rng.uniform(0.1, 0.9, 2) for m in ("no-reg", "l1") for seed in range(3)}
+  rows = lambda m, seed: [{"weight_bits": w, "act_bits": w, "accuracy": float(acc[m, seed][i])}
+                          for i, w in enumerate((None, 4))]
+  root = tmp_path / "runs"
+  # l1 has seeds 2 and 0 only, written in that order: pairs follow the seed, not the order.
+  for m, seeds in (("no-reg", (0, 1, 2)), ("l1", (2, 0))):
+    for seed in seeds:
+      run = root / m / f"seed{seed}"
+      run.mkdir(parents=True)
+      (run / "run.json").write_text(json.dumps({"name": f"{m}/seed{seed}",
+                                                "labels": {"method": m, "seed": seed}}))
+      (run / "results.json").write_text(json.dumps({"rows": rows(m, seed)}))
+  make_tables.make_tables(str(root), str(tmp_path / "tables"))
+  with open(tmp_path / "tables" / "gains.json") as f:
+    gains = {(g["weight_bits"], g["act_bits"]): g["gains"] for g in json.load(f)}
+  for i, setting in enumerate(((None, None), (4, 4))):
+    naive = [100 * (acc["l1", seed][i] - acc["no-reg", seed][i]) for seed in (0, 2)]
+    g = gains[setting]["l1"]
+    np.testing.assert_allclose(list(g["per_seed"].values()), naive, rtol=1e-12)
+    assert list(g["per_seed"]) == ["0", "2"]
+    np.testing.assert_allclose([g["mean"], g["std"]], [np.mean(naive), np.std(naive, ddof=1)],
+                               rtol=1e-12)
+  assert "no-reg" not in gains[(4, 4)]
+  lines = (tmp_path / "tables" / "gains.md").read_text().splitlines()
+  assert lines[-1].startswith(f"| l1 | {gains[(None, None)]['l1']['mean']:+.2f} ± ")
+
+
 @pytest.mark.parametrize("table,run_name", [("cifar10_vgg", "l1/seed0"),
                                             ("imagenet_resnet18", "ste-qat@4/seed0")])
 def test_paper_table_runs_on_mock_tfds_data(tmp_path, table, run_name):
