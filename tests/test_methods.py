@@ -302,12 +302,13 @@ def test_vgg_lazy_tuning_is_the_default_lazy_tuning_on_vgg():
   assert runs[0] == tuning_runs[0] and runs[0]["name"] == "no-reg"
 
 
-def test_resnet18_l1_low_extends_the_l1_grid_below_the_tuning_and_shares_its_no_reg_runs():
+@pytest.mark.parametrize("net", ["resnet18", "mobilenetv2"])
+def test_l1_low_extends_the_l1_grid_below_the_tuning_and_shares_its_no_reg_runs(net):
   tables = os.path.join(REPO, "configs", "tables")
   get_config, runs = run_sweep.load_sweep(
-      os.path.join(tables, "fashion_mnist_resnet18_l1_low_tuning.py"))
+      os.path.join(tables, f"fashion_mnist_{net}_l1_low_tuning.py"))
   tuning_get_config, tuning_runs = run_sweep.load_sweep(
-      os.path.join(tables, "fashion_mnist_resnet18_tuning.py"))
+      os.path.join(tables, f"fashion_mnist_{net}_tuning.py"))
   # experiments/l1_low.sh links the tuning's no-reg run in: same config, same run.
   assert get_config().to_json() == tuning_get_config().to_json()
   assert runs[0] == tuning_runs[0] and runs[0]["name"] == "no-reg"
@@ -324,9 +325,9 @@ def test_resnet18_l1_low_extends_the_l1_grid_below_the_tuning_and_shares_its_no_
              for o in extension)
   # Its test-set table shares the tuned table's no-reg runs.
   low_get_config, low_runs = run_sweep.load_sweep(
-      os.path.join(tables, "fashion_mnist_resnet18_l1_low.py"))
+      os.path.join(tables, f"fashion_mnist_{net}_l1_low.py"))
   tuned_get_config, tuned_runs = run_sweep.load_sweep(
-      os.path.join(tables, "fashion_mnist_resnet18_tuned.py"))
+      os.path.join(tables, f"fashion_mnist_{net}_tuned.py"))
   assert low_get_config().to_json() == tuned_get_config().to_json()
   no_reg = [run for run in tuned_runs if run["labels"]["method"] == "no-reg"]
   assert [run for run in low_runs if run["labels"]["method"] == "no-reg"] == no_reg

@@ -8,8 +8,8 @@ experiments/l1_low.sh). A supplementary row, reported beside the pre-registered 
     NET=resnet18 W=$W bash experiments/l1_low.sh
 """
 from configs import fashion_mnist_resnet18
-from configs.tables.fashion_mnist_tuning import CRITERION_SETTINGS, MAX_FLOAT_DROP, tuning_table
+from configs.tables.fashion_mnist_tuning import (CRITERION_SETTINGS, MAX_FLOAT_DROP, l1_grid,
+                                                 tuning_table)
 
-GRIDS = {"l1": [{"reg.norm": "l1", "reg.lambda_a": a, "reg.lambda_w": a / 10}
-                for a in (0.001, 0.0003)]}
-get_config, sweep = tuning_table(fashion_mnist_resnet18.get_config, GRIDS)
+get_config, sweep = tuning_table(fashion_mnist_resnet18.get_config,
+                                 {"l1": l1_grid((0.001, 0.0003))})
