@@ -1,4 +1,5 @@
 """The table's baselines (KURE, STE QAT, l2) and the sweep machinery, against independent computations."""
+import glob
 import json
 import os
 
@@ -241,6 +242,23 @@ def test_tuning_grids_have_equal_budgets_and_choose_by_the_stated_criterion(tmp_
       write(f"{method}/{i}", [0.92, 0.918, 0.915, 0.85][i], [0.6, 0.7, 0.8, 0.9][i])
   choice = tune.choose(path, str(tmp_path))
   assert {m: c["value"] for m, c in choice["methods"].items()} == {m: 2 for m in module.GRIDS}
+
+
+@pytest.mark.parametrize("table", sorted(
+    os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "tables",
+                                                             "*_tuning.py"))))
+def test_every_tuning_table_lists_the_grids_that_tune_reads(table):
+  path = os.path.join(REPO, "configs", "tables", f"{table}.py")
+  module = run_sweep.load_sweep_module(path)
+  _, runs = run_sweep.load_sweep(path)
+  # experiments.tune reads GRIDS, CRITERION_SETTINGS and MAX_FLOAT_DROP from the module and
+  # finds value i of a method's grid in the run <method>/<i>.
+  assert set(module.CRITERION_SETTINGS) and module.MAX_FLOAT_DROP >= 0
+  listed = {run["name"]: run["overrides"] for run in runs}
+  expected = {f"{method}/{i}": overrides for method, grid in module.GRIDS.items()
+              for i, overrides in enumerate(grid)}
+  assert {name: listed.get(name) for name in expected} == expected
+  assert "no-reg" in listed and set(listed) == set(expected) | {"no-reg"}
 
 
 @pytest.mark.parametrize("network,model_name,width", [

@@ -11,5 +11,5 @@ from configs import fashion_mnist_resnet18
 from configs.tables.fashion_mnist_tuning import (CRITERION_SETTINGS, MAX_FLOAT_DROP, l1_grid,
                                                  tuning_table)
 
-get_config, sweep = tuning_table(fashion_mnist_resnet18.get_config,
-                                 {"l1": l1_grid((0.001, 0.0003))})
+GRIDS = {"l1": l1_grid((0.001, 0.0003))}
+get_config, sweep = tuning_table(fashion_mnist_resnet18.get_config, GRIDS)
