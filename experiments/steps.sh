@@ -1,5 +1,5 @@
 # Steps shared by the table scripts (network_table.sh, fair_protocol.sh, lazy_parity.sh,
-# l1_low.sh); source it, with $PY set.
+# extend_grids.sh); source it, with $PY set.
 #   both_protocols <sweep root> <out>
 # writes the finished sweep's tables under the paper protocol to <out>/paper, re-sweeps every run
 # under the strong protocol (skipping runs already re-swept) and writes those tables to <out>/strong.

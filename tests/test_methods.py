@@ -320,33 +320,36 @@ def test_vgg_lazy_tuning_is_the_default_lazy_tuning_on_vgg():
   assert runs[0] == tuning_runs[0] and runs[0]["name"] == "no-reg"
 
 
-@pytest.mark.parametrize("net", ["resnet18", "mobilenetv2"])
-def test_l1_low_extends_the_l1_grid_below_the_tuning_and_shares_its_no_reg_runs(net):
+@pytest.mark.parametrize("net,ext,methods", [("resnet18", "l1_low", {"l1"}),
+                                              ("mobilenetv2", "low", {"l1", "l2"})])
+def test_grid_extensions_continue_the_grids_below_the_tuning_and_share_its_no_reg_runs(
+    net, ext, methods):
   tables = os.path.join(REPO, "configs", "tables")
   get_config, runs = run_sweep.load_sweep(
-      os.path.join(tables, f"fashion_mnist_{net}_l1_low_tuning.py"))
+      os.path.join(tables, f"fashion_mnist_{net}_{ext}_tuning.py"))
   tuning_get_config, tuning_runs = run_sweep.load_sweep(
       os.path.join(tables, f"fashion_mnist_{net}_tuning.py"))
-  # experiments/l1_low.sh links the tuning's no-reg run in: same config, same run.
+  # experiments/extend_grids.sh links the tuning's no-reg run in: same config, same run.
   assert get_config().to_json() == tuning_get_config().to_json()
   assert runs[0] == tuning_runs[0] and runs[0]["name"] == "no-reg"
   tuning = run_sweep.load_sweep_module(os.path.join(tables, "fashion_mnist_tuning.py"))
-  default = [g["reg.lambda_a"] for g in tuning.GRIDS["l1"]]
-  extension = [run["overrides"] for run in runs[1:]]
-  assert {run["labels"]["method"] for run in runs[1:]} == {"l1"}
+  assert {run["labels"]["method"] for run in runs[1:]} == methods
   assert all(run["warm_start"] == "no-reg" for run in runs[1:])
-  lambdas = [o["reg.lambda_a"] for o in extension]
-  assert max(lambdas) < min(default)  # strictly below the pre-registered grid
-  steps = sorted(default + lambdas)  # and the same factor-~3 spacing continued
-  assert all(2.9 < b / a < 3.5 for a, b in zip(steps, steps[1:]))
-  assert all(o["reg.norm"] == "l1" and o["reg.lambda_w"] == o["reg.lambda_a"] / 10
-             for o in extension)
+  for method in methods:
+    default = [g["reg.lambda_a"] for g in tuning.GRIDS[method]]
+    extension = [run["overrides"] for run in runs[1:] if run["labels"]["method"] == method]
+    lambdas = [o["reg.lambda_a"] for o in extension]
+    assert max(lambdas) < min(default)  # strictly below the pre-registered grid
+    steps = sorted(default + lambdas)  # and the same factor-~3 spacing continued
+    assert all(2.9 < b / a < 3.5 for a, b in zip(steps, steps[1:]))
+    assert all(o["reg.norm"] == method and o["reg.lambda_w"] == o["reg.lambda_a"] / 10
+               for o in extension)
   # Its test-set table shares the tuned table's no-reg runs.
   low_get_config, low_runs = run_sweep.load_sweep(
-      os.path.join(tables, f"fashion_mnist_{net}_l1_low.py"))
+      os.path.join(tables, f"fashion_mnist_{net}_{ext}.py"))
   tuned_get_config, tuned_runs = run_sweep.load_sweep(
       os.path.join(tables, f"fashion_mnist_{net}_tuned.py"))
   assert low_get_config().to_json() == tuned_get_config().to_json()
   no_reg = [run for run in tuned_runs if run["labels"]["method"] == "no-reg"]
   assert [run for run in low_runs if run["labels"]["method"] == "no-reg"] == no_reg
-  assert {run["labels"]["method"] for run in low_runs} <= {"no-reg", "l1"}
+  assert {run["labels"]["method"] for run in low_runs} <= {"no-reg"} | methods

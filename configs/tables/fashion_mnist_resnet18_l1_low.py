@@ -1,8 +1,8 @@
 """ResNet-18's supplementary l1 row at the extended grid's validation choice
 (experiments/results/resnet18/l1_low/tuning/choices.json), 3 seeds, test set, beside no-reg's
-runs of the pre-registered tuned table (shared by experiments/l1_low.sh, not retrained).
+runs of the pre-registered tuned table (shared by experiments/extend_grids.sh, not retrained).
 
-    NET=resnet18 W=$W bash experiments/l1_low.sh
+    NET=resnet18 EXT=l1_low W=$W bash experiments/extend_grids.sh
 """
 import os
 

@@ -3,13 +3,13 @@
 no-reg (0.003, the grid's smallest, lost 1.20), so its criterion fell back to the best float
 accuracy. These are the next two values of the same factor-~3 grid, with the same seed,
 validation split, criterion and warm start (the tuning's no-reg run, shared by
-experiments/l1_low.sh). A supplementary row, reported beside the pre-registered table.
+experiments/extend_grids.sh). A supplementary row, reported beside the pre-registered table.
 
-    NET=resnet18 W=$W bash experiments/l1_low.sh
+    NET=resnet18 EXT=l1_low W=$W bash experiments/extend_grids.sh
 """
 from configs import fashion_mnist_resnet18
-from configs.tables.fashion_mnist_tuning import (CRITERION_SETTINGS, MAX_FLOAT_DROP, l1_grid,
+from configs.tables.fashion_mnist_tuning import (CRITERION_SETTINGS, MAX_FLOAT_DROP, penalty_grid,
                                                  tuning_table)
 
-GRIDS = {"l1": l1_grid((0.001, 0.0003))}
+GRIDS = {"l1": penalty_grid("l1", (0.001, 0.0003))}
 get_config, sweep = tuning_table(fashion_mnist_resnet18.get_config, GRIDS)

@@ -20,15 +20,14 @@ VALIDATION_SIZE = 5000
 # Each method's grid: 4 values a factor ~3 apart. l1/l2 keep the default run's ratio
 # lambda_w = lambda_a / 10; l2's grid is l1's times ~160 (the ratio of the logged l1 to l2 norms,
 # configs/tables/fashion_mnist.py). STE-QAT's hyperparameter is its target bit-width.
-def l1_grid(lambdas_a) -> list[dict]:
-  """l1 at each lambda_a, with lambda_w = lambda_a / 10."""
-  return [{"reg.norm": "l1", "reg.lambda_a": a, "reg.lambda_w": a / 10} for a in lambdas_a]
+def penalty_grid(norm: str, lambdas_a) -> list[dict]:
+  """The gradient-norm penalty (norm l1 or l2) at each lambda_a, with lambda_w = lambda_a / 10."""
+  return [{"reg.norm": norm, "reg.lambda_a": a, "reg.lambda_w": a / 10} for a in lambdas_a]
 
 
 GRIDS = {
-    "l1": l1_grid((0.003, 0.01, 0.03, 0.1)),
-    "l2": [{"reg.norm": "l2", "reg.lambda_a": a, "reg.lambda_w": a / 10}
-           for a in (0.5, 1.6, 5.0, 16.0)],
+    "l1": penalty_grid("l1", (0.003, 0.01, 0.03, 0.1)),
+    "l2": penalty_grid("l2", (0.5, 1.6, 5.0, 16.0)),
     "kure": [{**methods.NO_PENALTY, "reg.lambda_kurtosis": k} for k in (0.1, 0.3, 1.0, 3.0)],
     "ste-qat": [{**methods.NO_PENALTY, "qat.weight_bits": b, "qat.act_bits": b}
                 for b in (3, 4, 5, 6)],
