@@ -80,17 +80,22 @@ def accuracy(rows, setting) -> float:
                     if (r["weight_bits"], r["act_bits"]) == tuple(setting))
 
 
+def seed_accuracies(runs: list[dict], setting) -> dict:
+  """seed -> accuracy (%) at setting, of one method's runs ({"seed", "rows"})."""
+  return {run["seed"]: accuracy(run["rows"], setting) for run in runs}
+
+
 def paired_gains(by_method: dict[str, list[dict]], setting) -> dict[str, dict]:
   """method -> {"mean", "std", "per_seed": {seed: points}}: its accuracy minus no-reg's at
   setting, seed by seed, over the seeds both have; empty without no-reg runs."""
   if "no-reg" not in by_method:
     return {}
-  base = {run["seed"]: accuracy(run["rows"], setting) for run in by_method["no-reg"]}
+  base = seed_accuracies(by_method["no-reg"], setting)
   gains = {}
   for method, runs in by_method.items():
     if method == "no-reg":
       continue
-    own = {run["seed"]: accuracy(run["rows"], setting) for run in runs}
+    own = seed_accuracies(runs, setting)
     per_seed = {seed: own[seed] - base[seed] for seed in sorted(base) if seed in own}
     if per_seed:
       mean, std = mean_std(per_seed.values())

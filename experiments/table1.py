@@ -19,7 +19,7 @@ import os
 
 from absl import app, flags
 
-from experiments.make_tables import accuracy, mean_std, paired_gains
+from experiments.make_tables import mean_std, paired_gains, seed_accuracies
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 PROTOCOLS = ("paper", "strong")
@@ -32,26 +32,21 @@ PAPER_4BIT = {"vgg": "VGG-like, CIFAR-10: 11.47% -> 85.99%",
               "mobilenetv2": "(not in the paper's Table 1; KURE's network)"}
 
 
-def _accuracies(per_seed: dict, method: str, width) -> dict[int, float]:
-  """seed -> test accuracy (%) of `method` at W = A = width."""
-  return {run["seed"]: accuracy(run["rows"], (width, width)) for run in per_seed[method]}
-
-
 def read_network(network: str, protocol: str) -> dict | None:
   path = os.path.join(RESULTS, network, protocol, "per_seed.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
     per_seed = json.load(f)
-  table = {method: {str(w): mean_std(_accuracies(per_seed, method, w).values()) for w in WIDTHS}
+  table = {method: {str(w): mean_std(seed_accuracies(per_seed[method], (w, w)).values())
+                    for w in WIDTHS}
            for method in per_seed}
   no_reg_float = table["no-reg"]["None"][0]
   breaking = next((w for w in WIDTHS[1:]
                    if no_reg_float - table["no-reg"][str(w)][0] >= BREAK_POINTS), None)
-  gains = {}
-  if breaking is not None:
-    gains = {method: (g["mean"], g["std"])
-             for method, g in paired_gains(per_seed, (breaking, breaking)).items()}
+  gains = {} if breaking is None else {
+      method: (g["mean"], g["std"])
+      for method, g in paired_gains(per_seed, (breaking, breaking)).items()}
   return {"table": table, "breaking_width": breaking, "gains": gains,
           "seeds": sorted({run["seed"] for runs in per_seed.values() for run in runs})}
 
