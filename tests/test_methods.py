@@ -353,3 +353,18 @@ def test_grid_extensions_continue_the_grids_below_the_tuning_and_share_its_no_re
   no_reg = [run for run in tuned_runs if run["labels"]["method"] == "no-reg"]
   assert [run for run in low_runs if run["labels"]["method"] == "no-reg"] == no_reg
   assert {run["labels"]["method"] for run in low_runs} <= {"no-reg"} | methods
+
+
+def test_folded_ranges_reads_each_output_channels_range():
+  from experiments import folded_ranges
+  rng = np.random.default_rng(0)
+  wide = rng.normal(size=(3, 3, 1, 8)).astype(np.float32)
+  wide[..., 5] *= 100.0
+  params = {"a": {"conv": {"kernel": wide, "bias": np.ones(8)}},
+            "b": {"kernel": rng.normal(size=(4, 6)).astype(np.float32)}}
+  spreads = folded_ranges.channel_spread(params)
+  naive = [max(abs(wide[..., c]).max() for c in range(8)),
+           np.median([abs(wide[..., c]).max() for c in range(8)])]
+  assert [path for _, path, _ in spreads] == ["a/conv/kernel", "b/kernel"]
+  np.testing.assert_allclose(spreads[0][0], naive[0] / naive[1], rtol=1e-6)
+  np.testing.assert_allclose(spreads[0][2], naive[0], rtol=1e-6)

@@ -1,0 +1,42 @@
+"""How badly one per-tensor grid fits each folded kernel: the spread of its channels' ranges.
+
+    python -m experiments.folded_ranges <workdir> [<workdir> ...]
+
+For every trained workdir, folds BatchNorm into the kernels (as the sweep does) and prints the
+kernels whose largest channel range (max |w| over an output channel) is the most times their
+median channel's: with symmetric per-tensor weights the grid step is set by the largest, so a
+ratio of r leaves the median channel about 2^(bits-1)/r levels. Used to read MobileNetV2's
+per-tensor collapse (experiments/results/mobilenetv2/paper).
+"""
+import sys
+
+import numpy as np
+
+from qreg import checkpoint, quant
+from qreg.models import BN_EPSILON
+
+
+def channel_spread(folded_params) -> list[tuple[float, str, float]]:
+  """(max / median channel range, kernel path, max range) of every kernel, widest first."""
+  spreads = []
+  for path in quant.kernel_paths(folded_params):
+    kernel = folded_params
+    for key in path.split("/"):
+      kernel = kernel[key]
+    ranges = np.abs(np.asarray(kernel)).reshape(-1, kernel.shape[-1]).max(axis=0)
+    spreads.append((float(ranges.max() / np.median(ranges)), path, float(ranges.max())))
+  return sorted(spreads, reverse=True)
+
+
+def main(workdirs: list[str], top: int = 2) -> None:
+  print("| workdir | widest kernels: max / median channel range (max range) |")
+  print("|---|---|")
+  for workdir in workdirs:
+    _, variables = checkpoint.restore_variables(workdir)
+    folded = quant.fold_batch_norm(variables["params"], variables["batch_stats"], BN_EPSILON)
+    print(f"| {workdir} | " + "; ".join(f"{path}: {ratio:.0f} ({largest:.1f})" for ratio, path, largest
+                                         in channel_spread(folded)[:top]) + " |", flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
