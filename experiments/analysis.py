@@ -24,7 +24,6 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 
 from qreg import checkpoint, data, models, objectives, parallel, ptq, quant  # pylint: disable=g-import-not-at-top
-from qreg.models import BN_EPSILON  # pylint: disable=g-import-not-at-top
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Trained workdirs to analyse.")
 _LABELS = flags.DEFINE_list("labels", None, "One label per workdir.")
@@ -50,7 +49,7 @@ def first_order_check(workdir: str, bits_list: list[int], num_batches: int) -> l
   model = models.build_model(config.model, pipeline.info.num_classes)
   setup = ptq.build_quant_setup(config.quant)
   evaluator = ptq.SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size)
-  folded = quant.fold_batch_norm(variables["params"], variables["batch_stats"], BN_EPSILON)
+  folded = ptq.fold(variables["params"], variables["batch_stats"])
   float_model = model.clone(folded=True)
   batches = [parallel.global_batch(b, mesh) for b in
              pipeline.eval_batches(config.eval.batch_size, num_batches=num_batches)]

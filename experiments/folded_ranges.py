@@ -12,8 +12,7 @@ import sys
 
 import numpy as np
 
-from qreg import checkpoint, quant
-from qreg.models import BN_EPSILON
+from qreg import checkpoint, ptq, quant
 
 
 def channel_spread(folded_params) -> list[tuple[float, str, float]]:
@@ -33,7 +32,7 @@ def main(workdirs: list[str], top: int = 2) -> None:
   print("|---|---|")
   for workdir in workdirs:
     _, variables = checkpoint.restore_variables(workdir)
-    folded = quant.fold_batch_norm(variables["params"], variables["batch_stats"], BN_EPSILON)
+    folded = ptq.fold(variables["params"], variables["batch_stats"])
     print(f"| {workdir} | " + "; ".join(f"{path}: {ratio:.0f} ({largest:.1f})" for ratio, path, largest
                                          in channel_spread(folded)[:top]) + " |", flush=True)
 

@@ -23,7 +23,6 @@ from absl import flags
 
 from qreg import checkpoint, cli, data, integer_file, models, parallel, ptq, quant
 from qreg import config as config_lib
-from qreg.models import BN_EPSILON
 
 def export_workdir(workdir: str, weight_bits: int, out: str,
                    act_bits: int | None = None) -> dict[str, int]:
@@ -35,7 +34,7 @@ def export_workdir(workdir: str, weight_bits: int, out: str,
   quant.check_bits(act_bits, "--act_bits")
   config = checkpoint.read_run_config(workdir)
   _, variables = checkpoint.restore_variables(workdir)
-  folded = quant.fold_batch_norm(variables["params"], variables["batch_stats"], BN_EPSILON)
+  folded = ptq.fold(variables["params"], variables["batch_stats"])
   if config.quant.adaround or config.quant.bias_correction:
     raise ValueError("qreg.export writes rounded-to-nearest kernels; quant.adaround and "
                      "quant.bias_correction are not exported yet.")

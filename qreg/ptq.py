@@ -118,6 +118,11 @@ def kernel_call_order(model, image_shape: Sequence[int]) -> list[str]:
   return list(walk(shapes["params"], ()))
 
 
+def fold(params: PyTree, batch_stats: PyTree) -> PyTree:
+  """params with BatchNorm folded into the kernels and biases, as the sweep quantizes them."""
+  return quant.fold_batch_norm(params, batch_stats, BN_EPSILON)
+
+
 def _replicate(tree: PyTree, mesh) -> PyTree:
   return jax.device_put(tree, parallel.replicated(mesh))
 
@@ -379,7 +384,7 @@ def sweep(config: ml_collections.ConfigDict, setup: QuantSetup, model, params: P
   """The sweep of config.quant (its setup: sweep_setup) on one trained model: yields
   ('rows', row) for each bit setting, then ('sensitivity', row) for each layer when
   quant.sensitivity_bits is set."""
-  folded_params = quant.fold_batch_norm(params, batch_stats, BN_EPSILON)
+  folded_params = fold(params, batch_stats)
   evaluator = SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size,
                              config.eval.split)
   for row in evaluate_bit_settings(evaluator, folded_params,

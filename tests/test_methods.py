@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 import scipy.stats
 
-from experiments import make_tables, run_sweep, tune
+from experiments import folded_ranges, make_tables, run_sweep, tune
 from qreg import config as config_lib
 from qreg import objectives, ptq, quant, train
 from qreg.models import SmallCNN
@@ -356,7 +356,6 @@ def test_grid_extensions_continue_the_grids_below_the_tuning_and_share_its_no_re
 
 
 def test_folded_ranges_reads_each_output_channels_range():
-  from experiments import folded_ranges
   rng = np.random.default_rng(0)
   wide = rng.normal(size=(3, 3, 1, 8)).astype(np.float32)
   wide[..., 5] *= 100.0
