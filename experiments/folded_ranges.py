@@ -11,17 +11,17 @@ per-tensor collapse (experiments/results/mobilenetv2/paper).
 import sys
 
 import numpy as np
+from flax import traverse_util
 
 from qreg import checkpoint, ptq, quant
 
 
 def channel_spread(folded_params) -> list[tuple[float, str, float]]:
   """(max / median channel range, kernel path, max range) of every kernel, widest first."""
+  leaves = traverse_util.flatten_dict(folded_params, sep="/")
   spreads = []
   for path in quant.kernel_paths(folded_params):
-    kernel = folded_params
-    for key in path.split("/"):
-      kernel = kernel[key]
+    kernel = leaves[path]
     ranges = np.abs(np.asarray(kernel)).reshape(-1, kernel.shape[-1]).max(axis=0)
     spreads.append((float(ranges.max() / np.median(ranges)), path, float(ranges.max())))
   return sorted(spreads, reverse=True)
