@@ -11,7 +11,7 @@ import os
 import shutil
 import socket
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from qreg import data, models, report
 from qreg import config as config_lib
 
 PyTree = Any
@@ -34,6 +35,15 @@ class CheckpointError(RuntimeError):
 
 class WorkdirBusy(RuntimeError):
   """Another live process is training in the workdir."""
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM or SIGINT after checkpointing; rerunning the same command
+  resumes it. `signum` is the signal received."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
 
 
 def checkpoint_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
@@ -124,11 +134,24 @@ def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> No
         "values to resume it.")
 
 
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Creates workdir for training config, after checking that any checkpoints in it match;
+  returns its absolute path."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory.")
+  manager_dir = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(manager_dir) and os.listdir(manager_dir):
+    check_workdir_matches(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
+
+
 def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """workdir/config.json: describes the checkpoints next to it (process 0 writes it)."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    report.write_text_atomic(os.path.join(workdir, "config.json"),
+                             config.to_json_best_effort(indent=2))
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -162,6 +185,27 @@ def restore_variables(workdir: str) -> tuple[int, dict[str, PyTree]]:
     raise CheckpointError(f"No checkpoint in {os.path.join(workdir, 'checkpoints')}; "
                           "train first with qreg.main.")
   return int(state["step"]), {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+class Run(NamedTuple):
+  """A trained workdir, loaded: its config, the step and variables of its newest restorable
+  checkpoint, and the float model they belong to."""
+  config: ml_collections.ConfigDict
+  step: int
+  variables: dict[str, PyTree]
+  model: Any
+
+
+def load_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> Run:
+  """The workdir's run, with the config it was trained with (workdir/config.json) unless
+  `config` is given; a given config must have the same array shapes (check_workdir_matches)."""
+  if config is None:
+    config = read_run_config(workdir)
+  else:
+    check_workdir_matches(config, os.path.abspath(workdir))
+  step, variables = restore_variables(workdir)
+  return Run(config, step, variables,
+             models.build_model(config.model, data.num_classes(config.data.name)))
 
 
 def _process_alive(pid: int) -> bool:

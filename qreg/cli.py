@@ -16,14 +16,12 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qreg import checkpoint, train
+from qreg import checkpoint
 
 USAGE_ERROR_STATUS = 2
 # Errors that mean the input is wrong, not the code.
 USER_ERRORS = (ValueError, OSError, FloatingPointError, checkpoint.CheckpointError,
                checkpoint.WorkdirBusy, app.UsageError)
-
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of an error.")
 
 
 def fail(message: str) -> None:
@@ -90,18 +88,20 @@ def configure_logging() -> None:
 def run(job: Callable[[list[str]], None]) -> None:
   """app.run(job) with plain errors: user errors as one line and status 2, preemption as
   128 + signal. The job calls configure_logging once JAX may start its backend (after
-  jax.distributed.initialize, where there is one)."""
+  jax.distributed.initialize, where there is one). --verbose is defined here, so that importing
+  this module defines no flag."""
+  verbose = flags.DEFINE_bool("verbose", False, "Show the traceback of an error.")
 
   def main(argv):
     if len(argv) > 1:
       fail(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
       job(argv)
-    except train.Preempted as e:
+    except checkpoint.Preempted as e:
       logging.warning("%s", e)
       sys.exit(128 + e.signum)
     except USER_ERRORS as e:
-      if _VERBOSE.value:
+      if verbose.value:
         traceback.print_exc()
       fail(str(e))
 

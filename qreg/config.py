@@ -5,8 +5,10 @@ workdir, so that a mistyped value costs no work and the code that builds
 from a config can trust it. Checks that need the data (a batch larger than
 the training set) are made where the data is read, in qreg.data.
 """
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 from absl import logging
@@ -125,6 +127,30 @@ def field(config: ml_collections.ConfigDict | dict, name: str):
   """The value of a dotted field such as 'model.name' (None where a section or key is missing)."""
   section, key = name.split(".")
   return config.get(section, {}).get(key)
+
+
+def with_overrides(config: ml_collections.ConfigDict,
+                   overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of config with each dotted field ("quant.per_channel", "seed") set to its value.
+
+  Only existing fields can be set, so that a mistyped name fails instead of adding a field
+  nothing reads. JSON's lists become tuples (bit_settings: tuples of pairs).
+  """
+  config = copy.deepcopy(config)
+  for name, value in overrides.items():
+    *sections, key = name.split(".")
+    node = config
+    for section in sections:
+      node = node.get(section) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+      raise ValueError(f"unknown config field {name!r}.")
+    if key == "bit_settings":
+      value = tuple(map(tuple, value))
+    try:
+      node[key] = value
+    except TypeError as e:
+      raise ValueError(f"config field {name!r}: {e}") from e
+  return config
 
 
 def parse_bit_settings(settings: Sequence) -> list[BitSetting]:

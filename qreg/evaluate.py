@@ -11,38 +11,39 @@ when it has them (no training data needed), else at each of the config's
 activation settings for its weight bit-width, calibrated on training batches.
 """
 import functools
-import json
 import os
 from typing import Any
 
 import ml_collections
 from absl import flags
 
-from qreg import checkpoint, cli, data, integer_file, models, parallel, ptq, report, train
+from qreg import checkpoint, cli, data, integer_file, main, models, parallel, ptq, report
 from qreg import config as config_lib
 
-def _model_and_mesh(config: ml_collections.ConfigDict):
+
+def _validated_mesh(config: ml_collections.ConfigDict):
   mesh = parallel.make_mesh()
   config_lib.validate(config, mesh.devices.size)
-  return models.build_model(config.model, data.num_classes(config.data.name)), mesh
+  return mesh
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Reruns only the PTQ sweep on the workdir's last checkpoint; writes results like training."""
-  model, mesh = _model_and_mesh(config)
-  checkpoint.check_workdir_matches(config, os.path.abspath(workdir))
-  step, variables = checkpoint.restore_variables(workdir)
+  workdir = os.path.abspath(workdir)
+  mesh = _validated_mesh(config)
+  run = checkpoint.load_run(workdir, config)
   pipeline = data.build_input_pipeline(config.data)
-  setup = ptq.sweep_setup(config, model, pipeline.info.image_shape)
-  with checkpoint.workdir_lock(os.path.abspath(workdir)):
-    return train.sweep_and_write(config, setup, model, variables, pipeline, mesh,
-                                 os.path.abspath(workdir), step)
+  setup = ptq.sweep_setup(config, run.model, pipeline.info.image_shape)
+  with checkpoint.workdir_lock(workdir):
+    return main.sweep_and_write(config, setup, run.model, run.variables, pipeline, mesh, workdir,
+                                run.step)
 
 
 def evaluate_export(config: ml_collections.ConfigDict, workdir: str, path: str) -> dict[str, Any]:
   """Accuracy of an export file's weights (and stored activation ranges, if any); written to
   workdir/export_w<bits>[_a<bits>]_results.{json,md}."""
-  model, mesh = _model_and_mesh(config)
+  mesh = _validated_mesh(config)
+  model = models.build_model(config.model, data.num_classes(config.data.name))
   params, ranges, header = integer_file.load(path)
   weight_bits = header["weight_bits"]
   pipeline = data.build_input_pipeline(config.data)
@@ -67,14 +68,12 @@ def evaluate_export(config: ml_collections.ConfigDict, workdir: str, path: str) 
   report.print_once(table)
   act_suffix = f"_a{header['act_bits']}" if ranges is not None else ""
   name = os.path.join(workdir, f"export_w{weight_bits}{act_suffix}_results")
-  with open(f"{name}.json", "w") as f:
-    json.dump(results, f, indent=2)
-  with open(f"{name}.md", "w") as f:
-    f.write(f"From {path}\n\n{table}")
+  report.write_json_atomic(f"{name}.json", results)
+  report.write_text_atomic(f"{name}.md", f"From {path}\n\n{table}")
   return results
 
 
-def main(config_flag, workdir_flag, export_flag, argv) -> None:
+def evaluate_command(config_flag, workdir_flag, export_flag, argv) -> None:
   del argv
   cli.configure_logging()
   config = config_flag.value or checkpoint.read_run_config(workdir_flag.value)
@@ -87,7 +86,7 @@ def main(config_flag, workdir_flag, export_flag, argv) -> None:
 if __name__ == "__main__":
   # Flags are defined only when run, so that importing this module defines none.
   cli.run(functools.partial(
-      main, cli.define_config_flag(required=False),
+      evaluate_command, cli.define_config_flag(required=False),
       flags.DEFINE_string("workdir", None, "Workdir of a trained run.", required=True),
       flags.DEFINE_string("export", None,
                           "Evaluate this qreg.export file instead of the last checkpoint.")))

@@ -21,8 +21,9 @@ import jax
 import numpy as np
 from absl import flags
 
-from qreg import checkpoint, cli, data, integer_file, models, parallel, ptq, quant
+from qreg import checkpoint, cli, data, integer_file, parallel, ptq, quant
 from qreg import config as config_lib
+
 
 def export_workdir(workdir: str, weight_bits: int, out: str,
                    act_bits: int | None = None) -> dict[str, int]:
@@ -32,13 +33,11 @@ def export_workdir(workdir: str, weight_bits: int, out: str,
   """
   quant.check_bits(weight_bits, "--weight_bits")
   quant.check_bits(act_bits, "--act_bits")
-  config = checkpoint.read_run_config(workdir)
-  _, variables = checkpoint.restore_variables(workdir)
+  config, _, variables, model = checkpoint.load_run(workdir)
   folded = ptq.fold(variables["params"], variables["batch_stats"])
   if config.quant.adaround or config.quant.bias_correction:
     raise ValueError("qreg.export writes rounded-to-nearest kernels; quant.adaround and "
                      "quant.bias_correction are not exported yet.")
-  model = models.build_model(config.model, data.num_classes(config.data.name))
   setup = ptq.sweep_setup(config, model,
                           data.image_shape(config.data.name, config.data.image_size))
   ranges = None

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from qreg import quant
+from qreg import quant, report
 
 FORMAT = "qreg-int-export-v2"
 # v1 files (weights only) still load.
@@ -90,7 +90,9 @@ def export_arrays(weight_integers: PyTree, *, quantization: str, weight_bits: in
 
 
 def save(path: str, arrays: dict[str, np.ndarray]) -> None:
-  with open(path, "wb") as f:
+  """Writes the file whole or not at all; through a file object, as np.savez would append
+  .npz to a name."""
+  with report.atomic_file(path, "wb") as f:
     np.savez(f, **arrays)
 
 

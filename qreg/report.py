@@ -3,16 +3,21 @@
     python -m qreg.report --workdirs=<dir1>,<dir2> --labels=no-reg,l1 --out=<dir>
 
 writes comparison.md and comparison.png: one column / one colour per workdir.
+Every file is written whole or not at all (atomic_file), so that a run killed
+while writing leaves no truncated results.json to be mistaken for a finished run.
 """
+import contextlib
+import importlib.metadata
 import json
 import os
+import platform
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import matplotlib
-from absl import app, flags
+from absl import flags, logging
 
 matplotlib.use("Agg")  # files only; no display
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -94,7 +99,8 @@ def plot_accuracy(all_results: Sequence[Results], labels: Sequence[str], path: s
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with atomic_file(path, "wb") as f:
+    fig.savefig(f, dpi=120, format="png")
   plt.close(fig)
 
 
@@ -123,26 +129,99 @@ def collect_sweep(events: Iterable[tuple[str, dict[str, Any]]], quantization: st
   return results
 
 
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w"):
+  """A new file object whose contents replace `path` only once completely written.
+
+  It is a temporary file in path's directory, renamed over path by os.replace
+  (atomic on POSIX); a failure or a kill midway leaves path as it was.
+  """
+  temporary = os.path.join(os.path.dirname(os.path.abspath(path)),
+                           f".{os.path.basename(path)}.{os.getpid()}.tmp")
+  try:
+    with open(temporary, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(temporary)
+    raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  with atomic_file(path) as f:
+    json.dump(obj, f, indent=2)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  with atomic_file(path) as f:
+    f.write(text)
+
+
 def write_results(results: Results, workdir: str) -> None:
   """Process 0 prints the table and writes results.json, results.md and results.png to workdir."""
   if jax.process_index() != 0:
     return
   table = results_table(results)
   print(table, flush=True)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(f"Quantization: {results.get('quantization', '')}\n\n{table}")
+  write_json_atomic(os.path.join(workdir, "results.json"), results)
+  write_text_atomic(os.path.join(workdir, "results.md"),
+                    f"Quantization: {results.get('quantization', '')}\n\n{table}")
   plot_accuracy([results], [os.path.basename(os.path.normpath(workdir))],
                 os.path.join(workdir, "results.png"))
+
+
+def _read_results(path: str) -> Results:
+  """The results in a results.json; ValueError in one line when it is not a finished sweep's."""
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is truncated or not JSON ({e}); rerun the run that wrote it.") from e
+  if not isinstance(results, dict) or "rows" not in results:
+    raise ValueError(f"{path} holds no sweep rows; rerun the run that wrote it.")
+  return results
+
+
+def read_finished_results(path: str) -> Results | None:
+  """The results at `path`, or None when the run has not finished writing them: no file
+  (logged at INFO), or a truncated or unparsable one (logged as a warning)."""
+  if not os.path.exists(path):
+    logging.info("%s does not exist: the run is not finished.", path)
+    return None
+  try:
+    return _read_results(path)
+  except (OSError, ValueError) as e:
+    logging.warning("Treating the run as unfinished: %s", e)
+    return None
 
 
 def load_results(workdir: str) -> Results:
   path = os.path.join(workdir, "results.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: run qreg.main or qreg.evaluate on {workdir} first.")
-  with open(path) as f:
-    return json.load(f)
+  return _read_results(path)
+
+
+def _cpu_model() -> str:
+  """The CPU's model name: trained numbers differ between CPU models."""
+  with contextlib.suppress(OSError):
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+  """Where results were made: library versions, backend, device kind and process count."""
+  device = jax.devices()[0]
+  return {**{name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax")},
+          "backend": jax.default_backend(),
+          "device_kind": _cpu_model() if device.platform == "cpu" else device.device_kind,
+          "device_count": jax.device_count(), "process_count": jax.process_count()}
 
 
 def compare(workdirs: Sequence[str], labels: Sequence[str], out_dir: str) -> str:
@@ -153,26 +232,19 @@ def compare(workdirs: Sequence[str], labels: Sequence[str], out_dir: str) -> str
   os.makedirs(out_dir, exist_ok=True)
   table = comparison_table(all_results, labels)
   quantization = "\n".join(f"- {l}: {r.get('quantization', '')}" for l, r in zip(labels, all_results))
-  with open(os.path.join(out_dir, "comparison.md"), "w") as f:
-    f.write(f"{table}\n{quantization}\n")
+  write_text_atomic(os.path.join(out_dir, "comparison.md"), f"{table}\n{quantization}\n")
   plot_accuracy(all_results, labels, os.path.join(out_dir, "comparison.png"))
   return table
 
 
-def _command_line() -> None:
-  workdirs = flags.DEFINE_list("workdirs", None, "Workdirs holding results.json.")
-  labels = flags.DEFINE_list("labels", None, "One label per workdir (default: directory names).")
-  out = flags.DEFINE_string("out", None, "Directory for comparison.md and comparison.png.")
-  flags.mark_flags_as_required(["workdirs", "out"])
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    names = labels.value or [os.path.basename(os.path.normpath(w)) for w in workdirs.value]
-    print(compare(workdirs.value, names, out.value))
-
-  app.run(main)
-
-
 if __name__ == "__main__":
-  _command_line()
+  # Flags are defined only when run, so that importing this module defines none.
+  from qreg import cli  # pylint: disable=g-import-not-at-top  (a command line, above every layer)
+  _WORKDIRS = flags.DEFINE_list("workdirs", None, "Workdirs holding results.json.", required=True)
+  _LABELS = flags.DEFINE_list("labels", None, "One label per workdir (default: directory names).")
+  _OUT = flags.DEFINE_string("out", None, "Directory for comparison.md and comparison.png.",
+                             required=True)
+  cli.run(lambda argv: print(compare(
+      _WORKDIRS.value,
+      _LABELS.value or [os.path.basename(os.path.normpath(w)) for w in _WORKDIRS.value],
+      _OUT.value)))

@@ -1,18 +1,15 @@
 """The training loop: TrainState, the jitted data-parallel step, the epoch loop.
 
-train_and_evaluate trains a config in a workdir (resuming from its last
-checkpoint), then runs the post-training quantization sweep (qreg.ptq) and
-writes the results (qreg.report).
+train(config, workdir) trains a config in a workdir, resuming from its last
+checkpoint, and returns the final state; qreg.main sweeps and writes after it.
 """
 import collections
 import contextlib
+import dataclasses
 import functools
-import json
 import math
-import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -25,7 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from qreg import checkpoint, data, metrics, models, objectives, parallel, ptq, quant, report
+from qreg import checkpoint, data, metrics, models, objectives, parallel, ptq, quant
 from qreg import config as config_lib
 
 PyTree = Any
@@ -213,15 +210,6 @@ def step_kind(step: int, reg_start_step: int, method: MethodSteps | None) -> str
   return "plain" if method.between is None else "between"
 
 
-class Preempted(Exception):
-  """Training stopped on SIGTERM or SIGINT after checkpointing; rerunning the same command
-  resumes it. `signum` is the signal received."""
-
-  def __init__(self, message: str, signum: int):
-    super().__init__(message)
-    self.signum = signum
-
-
 @contextlib.contextmanager
 def _stop_signals_set_flag():
   """While active, SIGTERM and SIGINT (Ctrl-C) record their number in the yielded list instead
@@ -258,66 +246,73 @@ def _window_means(window: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in window if k in m])) for k in window[-1]}
 
 
-def sweep_and_write(config: ml_collections.ConfigDict, setup: ptq.QuantSetup, model,
-                    variables: PyTree, pipeline, mesh, workdir: str, step: int) -> dict[str, Any]:
-  """The quantization sweep of a trained model, printed as it runs and written to workdir."""
-  results = report.collect_sweep(
-      ptq.sweep(config, setup, model, variables["params"], variables["batch_stats"], pipeline,
-                mesh), setup.describe())
-  results.update(config=json.loads(config.to_json_best_effort()), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), step=step)
-  report.write_results(results, workdir)
-  return results
-
-
 # The cost of a regularized step in plain steps, for the ETA until one has been timed
 # (README, "Cost of the regularizer": 1.6x-2.9x with hvp).
 REGULARIZED_STEP_COST_GUESS = 2.0
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       mesh: jax.sharding.Mesh | None = None,
-                       pipeline: data.InputPipeline | None = None) -> dict[str, Any]:
-  """Trains (resuming from workdir if it holds a checkpoint), then runs the PTQ sweep.
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+  """What the epoch loop is built from, made by training_setup before anything is written.
 
-  The whole config is checked before anything is written to workdir. Checkpoints
-  are saved at each epoch end, every train.checkpoint_every_steps steps and on
-  SIGTERM/SIGINT, after which Preempted is raised. mesh defaults to all devices of
-  all processes, pipeline to the one config.data describes. Returns the results
-  dict also written to workdir/results.json.
+  model: the model as it trains, computing in config.model.dtype.
   """
-  workdir = os.path.abspath(workdir)
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  pipeline: data.InputPipeline
+  model: Any
+  optimizer: optax.GradientTransformation
+  method: MethodSteps | None
+  steps_per_epoch: int
+
+  @property
+  def total_steps(self) -> int:
+    return self.config.train.num_epochs * self.steps_per_epoch
+
+  @property
+  def reg_start_step(self) -> int:
+    return self.config.reg.start_epoch * self.steps_per_epoch
+
+
+def training_setup(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None,
+                   pipeline: data.InputPipeline | None = None) -> TrainingSetup:
+  """Validates the whole config, then builds the loop's parts; writes nothing.
+
+  mesh defaults to all devices of all processes, pipeline to the one config.data describes.
+  """
   mesh = parallel.make_mesh() if mesh is None else mesh
   config_lib.validate(config, mesh.devices.size)
   pipeline = data.build_input_pipeline(config.data) if pipeline is None else pipeline
   model = models.build_model(config.model, pipeline.info.num_classes)
-
   steps_per_epoch = pipeline.steps_per_epoch(config.data.batch_size)
-  total_steps = config.train.num_epochs * steps_per_epoch
-  reg_start_step = config.reg.start_epoch * steps_per_epoch
-  optimizer = build_optimizer(config.optim, total_steps, steps_per_epoch)
-  # Training computes in model.dtype; the sweep below runs the float32 model.
+  optimizer = build_optimizer(config.optim, config.train.num_epochs * steps_per_epoch,
+                              steps_per_epoch)
+  # Training computes in model.dtype; the sweep runs the float32 model.
   train_model = models.with_compute_dtype(model, config.model.dtype)
   method = build_method_steps(config, train_model, optimizer, mesh.devices.size)
-  # Built before training, so that a weight rule matching no kernel costs no training.
-  setup = ptq.sweep_setup(config, model, pipeline.info.image_shape)
+  return TrainingSetup(config, mesh, pipeline, train_model, optimizer, method, steps_per_epoch)
 
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory.")
-  manager_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(manager_dir) and os.listdir(manager_dir):
-    checkpoint.check_workdir_matches(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          mesh: jax.sharding.Mesh | None = None,
+          pipeline: data.InputPipeline | None = None) -> TrainState:
+  """Trains config in workdir, resuming from its last checkpoint; returns the final state.
+
+  The whole config is checked before anything is written to workdir. Checkpoints
+  are saved at each epoch end, every train.checkpoint_every_steps steps and on
+  SIGTERM/SIGINT, after which checkpoint.Preempted is raised.
+  """
+  setup = training_setup(config, mesh=mesh, pipeline=pipeline)
+  workdir = checkpoint.prepare_workdir(config, workdir)
   with checkpoint.workdir_lock(workdir):
-    state = _train(config, workdir, mesh, pipeline, train_model, optimizer, method,
-                   steps_per_epoch, total_steps, reg_start_step)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return sweep_and_write(config, setup, model, variables, pipeline, mesh, workdir,
-                           int(state.step))
+    return train_in_workdir(setup, workdir)
 
 
-def _train(config, workdir, mesh, pipeline, model, optimizer, method, steps_per_epoch,
-           total_steps, reg_start_step) -> TrainState:
-  """The epoch loop of train_and_evaluate, from the workdir's last checkpoint."""
+def train_in_workdir(setup: TrainingSetup, workdir: str) -> TrainState:
+  """The epoch loop, from the last checkpoint of workdir (prepared and locked by the caller)."""
+  config, mesh, pipeline, model = setup.config, setup.mesh, setup.pipeline, setup.model
+  optimizer, method, steps_per_epoch = setup.optimizer, setup.method, setup.steps_per_epoch
+  total_steps, reg_start_step = setup.total_steps, setup.reg_start_step
   manager = checkpoint.checkpoint_manager(workdir, config.train.checkpoints_to_keep)
   state = jax.jit(functools.partial(create_train_state, model=model, optimizer=optimizer,
                                     image_shape=pipeline.info.image_shape),
@@ -397,7 +392,7 @@ def _train(config, workdir, mesh, pipeline, model, optimizer, method, steps_per_
         if preempted:
           signum = signals_received[0] if signals_received else signal.SIGTERM
           manager.wait_until_finished()
-          raise Preempted(
+          raise checkpoint.Preempted(
               f"Stopped by {signal.Signals(signum).name} after step {done} of {total_steps}; "
               f"saved checkpoint {done} in {manager.directory}. Rerun the same command to "
               "resume.", signum)

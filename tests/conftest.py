@@ -42,12 +42,12 @@ def idx_dir(tmp_path_factory):
 def reference_run(idx_dir, tmp_path_factory):
   """(config, workdir, results) of one uninterrupted tiny_config run, shared by the tests that
   resume, damage or misuse a trained workdir; copy the workdir before changing it."""
-  from qreg import train  # pylint: disable=g-import-not-at-top  (JAX starts after the flags above)
+  from qreg import main  # pylint: disable=g-import-not-at-top  (JAX starts after the flags above)
 
   config = tiny_config(idx_dir)
   config.train.checkpoint_every_steps = CHECKPOINT_EVERY
   workdir = str(tmp_path_factory.mktemp("reference") / "run")
-  results = train.train_and_evaluate(config, workdir)
+  results = main.train_and_evaluate(config, workdir)
   return config, workdir, results
 
 

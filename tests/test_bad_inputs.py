@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from qreg import checkpoint, train
+from qreg import checkpoint, main
 from tests.fakes import fake_split, idx_bytes, tiny_config, write_file, write_idx_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,7 @@ def test_bad_config_value(idx_dir, reference_copy, field, value, message):
     config.model.name = "resnet18"  # the only model with a stem
   before = snapshot(reference_copy)
   with pytest.raises(ValueError if field != "data.data_dir" else FileNotFoundError, match=message):
-    train.train_and_evaluate(config, reference_copy)
+    main.train_and_evaluate(config, reference_copy)
   assert snapshot(reference_copy) == before
 
 
@@ -95,7 +95,7 @@ def test_bad_config_value_leaves_a_new_workdir_unmade(idx_dir, tmp_path):
   config = tiny_config(idx_dir)
   config.quant.bit_settings = [(4, 1)]
   with pytest.raises(ValueError, match="act_bits=1"):
-    train.train_and_evaluate(config, str(tmp_path / "new"))
+    main.train_and_evaluate(config, str(tmp_path / "new"))
   assert not os.path.exists(tmp_path / "new")
 
 
@@ -108,7 +108,7 @@ def test_truncated_idx_file(idx_dir, reference_copy, tmp_path):
   before = snapshot(reference_copy)
   with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: truncated: expected 50176 bytes "
                                        r"of data for shape \(64, 28, 28\), found 50076"):
-    train.train_and_evaluate(tiny_config(str(data_dir)), reference_copy)
+    main.train_and_evaluate(tiny_config(str(data_dir)), reference_copy)
   assert snapshot(reference_copy) == before
 
 
@@ -126,7 +126,7 @@ def test_workdir_holding_another_runs_checkpoints(idx_dir, reference_copy, field
   with pytest.raises(ValueError, match=(
       rf"{reference_copy} holds checkpoints of a different run \({field}='{value}' here but "
       rf"'\w+' there; see {reference_copy}/config.json\)\. They cannot be resumed")):
-    train.train_and_evaluate(config, reference_copy)
+    main.train_and_evaluate(config, reference_copy)
   assert snapshot(reference_copy) == before
 
 
@@ -139,14 +139,14 @@ def test_all_checkpoints_damaged(idx_dir, reference_copy):
   with pytest.raises(RuntimeError, match=(
       rf"No checkpoint in {checkpoints} can be restored:\n  step 16: .*\n  step 12: .*\n  "
       r"step 8: .*\nThey were written by a different model/optimizer config or are damaged")):
-    train.train_and_evaluate(tiny_config(idx_dir), reference_copy)
+    main.train_and_evaluate(tiny_config(idx_dir), reference_copy)
   assert snapshot(reference_copy) == before
 
 
 def test_workdir_that_is_a_file(idx_dir, tmp_path):
   path = write_file(tmp_path / "results.txt", b"precious")
   with pytest.raises(NotADirectoryError, match=rf"--workdir={path} is a file, not a directory"):
-    train.train_and_evaluate(tiny_config(idx_dir), path)
+    main.train_and_evaluate(tiny_config(idx_dir), path)
   assert open(path, "rb").read() == b"precious"
 
 
@@ -160,7 +160,7 @@ def test_nan_loss_stops_without_checkpointing_it(idx_dir, reference_copy):
   with pytest.raises(FloatingPointError, match=(
       r"Non-finite training metrics at step 20: .*Training stopped before checkpointing it; "
       r"lower optim.learning_rate or reg.lambda_w / reg.lambda_a")):
-    train.train_and_evaluate(config, reference_copy)
+    main.train_and_evaluate(config, reference_copy)
   after = snapshot(reference_copy)
   # Nothing changed; only TensorBoard's new event file for this attempt was added.
   assert {path: after[path] for path in before} == before

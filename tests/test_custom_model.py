@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from qreg import export, integer_file, models, quant, train
+from qreg import export, integer_file, main, models, quant
 from qreg.models import BN_EPSILON
 from qreg.models.layers import ConvBN, DenseBN, activation_tap
 from tests.fakes import tiny_config
@@ -42,7 +42,7 @@ def test_a_model_defined_outside_qreg_trains_folds_sweeps_and_exports(registered
   config.train.num_epochs, config.reg.start_epoch = 1, 0  # every step penalized
   config.quant.weight_rules = ("head/.*=8",)
   workdir = str(tmp_path / "run")
-  results = train.train_and_evaluate(config, workdir)
+  results = main.train_and_evaluate(config, workdir)
   assert [(r["weight_bits"], r["act_bits"]) for r in results["rows"]] == [
       (None, None), (4, 4), (3, None)]
   path = str(tmp_path / "w4a4.npz")
@@ -68,5 +68,5 @@ def test_bfloat16_needs_a_dtype_field(registered, idx_dir, tmp_path):
   config.model.dtype = "bfloat16"
   with pytest.raises(ValueError, match="model.dtype='bfloat16' needs a model with a `dtype` "
                                        "field passed to its layers; TwoLayerNet has none"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    main.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()

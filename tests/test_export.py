@@ -11,7 +11,7 @@ import zipfile
 
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qreg import evaluate, export, integer_file, ptq, quant, report, train
+from qreg import evaluate, export, integer_file, main, ptq, quant, report
 from qreg.models import BN_EPSILON, SmallCNN
 from tests.fakes import FASHION_MNIST_MEAN_STD, fake_split, tiny_config, write_idx_dir
 
@@ -142,7 +142,7 @@ def test_evaluating_the_file_gives_the_sweeps_accuracy(tmp_path):
   config = tiny_config(str(idx_dir))
   config.train.num_epochs = 1
   workdir = str(tmp_path / "run")
-  results = train.train_and_evaluate(config, workdir)
+  results = main.train_and_evaluate(config, workdir)
   sweep = {(r["weight_bits"], r["act_bits"]): r["accuracy"] for r in results["rows"]}
 
   weights_only = str(tmp_path / "w4.npz")

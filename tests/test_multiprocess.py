@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from qreg import cli, data, report, train
+from qreg import cli, data, main, report
 from tests.fakes import BATCH, NUM_TRAIN, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +118,7 @@ if __name__ == "__main__":
   _, reference_idx_dir, reference_workdir_arg = sys.argv
   cli.configure_logging()
   reference_config = two_process_config(reference_idx_dir)
-  train.train_and_evaluate(
+  main.train_and_evaluate(
       reference_config, reference_workdir_arg,
       pipeline=ProcessShardsTogether(data.build_input_pipeline(reference_config.data),
                                      NUM_PROCESSES))

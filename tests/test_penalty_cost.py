@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from qreg import models, objectives, parallel, train
+from qreg import main, models, objectives, parallel, train
 from qreg.models import SmallCNN
 from tests.conftest import assert_trees_bit_identical, latest_state
 from tests.fakes import tiny_config
@@ -131,7 +131,7 @@ def _lazy_config(idx_dir):
 def test_lazy_sub_batch_run_logs_its_steps_and_resumes_bit_identically(idx_dir, tmp_path):
   config = _lazy_config(idx_dir)
   straight = str(tmp_path / "straight")
-  train.train_and_evaluate(config, straight)
+  main.train_and_evaluate(config, straight)
   with open(os.path.join(straight, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
   applied = {int(m["step"]): m["train/penalty_applied"] for m in logged
@@ -148,7 +148,7 @@ def test_lazy_sub_batch_run_logs_its_steps_and_resumes_bit_identically(idx_dir, 
   for step in ("15", "16"):
     shutil.rmtree(os.path.join(resumed, "checkpoints", step))
   os.remove(os.path.join(resumed, "results.json"))
-  train.train_and_evaluate(config, resumed)
+  main.train_and_evaluate(config, resumed)
   (step, expected), (resumed_step, actual) = latest_state(straight), latest_state(resumed)
   assert step == resumed_step == 16
   assert_trees_bit_identical(actual, expected)
@@ -197,7 +197,7 @@ def test_bfloat16_run_keeps_float32_state_and_sweeps_in_float32(idx_dir, tmp_pat
   config = tiny_config(idx_dir)
   config.model.dtype = "bfloat16"
   config.quant.bit_settings = [(None, None)]
-  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  results = main.train_and_evaluate(config, str(tmp_path / "run"))
   _, state = latest_state(str(tmp_path / "run"))
   assert {leaf.dtype for leaf in jax.tree.leaves(state)} <= {np.dtype("float32"),
                                                               np.dtype("int32")}

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qreg import checkpoint, evaluate, train
+from qreg import checkpoint, evaluate, main
 from tests.conftest import assert_trees_bit_identical, latest_state
 from tests.fakes import BATCH, BIT_SETTINGS, NUM_TEST, NUM_TRAIN, tiny_config, write_file
 
@@ -66,7 +66,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference_run,
   # Training resumes from step 12, sets step 16 aside and redoes it bit-identically.
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    results = train.train_and_evaluate(config, reference_copy)
+    results = main.train_and_evaluate(config, reference_copy)
   assert "Restored checkpoint step 12 instead of the damaged newer one(s)" in caplog.text
   [set_aside] = os.listdir(os.path.join(reference_copy, "damaged_checkpoints"))
   assert set_aside.startswith("16-")
