@@ -21,9 +21,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
 
-from qreg import checkpoint, data, models, objectives, parallel, ptq, quant  # pylint: disable=g-import-not-at-top
+from qreg import checkpoint, cli, data, objectives, parallel, ptq, quant, report  # pylint: disable=g-import-not-at-top
 
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Trained workdirs to analyse.")
 _LABELS = flags.DEFINE_list("labels", None, "One label per workdir.")
@@ -42,11 +42,9 @@ def _loss_and_gradients(apply_fn, params, perturbations, batch, variables_extra)
 
 def first_order_check(workdir: str, bits_list: list[int], num_batches: int) -> list[dict]:
   """Bound and measured loss change at each bit-width for one workdir's last checkpoint."""
-  config = checkpoint.read_run_config(workdir)
-  _, variables = checkpoint.restore_variables(workdir)
+  config, _, variables, model = checkpoint.load_run(workdir)
   mesh = parallel.make_mesh()
   pipeline = data.build_input_pipeline(config.data)
-  model = models.build_model(config.model, pipeline.info.num_classes)
   setup = ptq.build_quant_setup(config.quant)
   evaluator = ptq.SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size)
   folded = ptq.fold(variables["params"], variables["batch_stats"])
@@ -106,14 +104,14 @@ def read_scalars(workdir: str, tags: tuple[str, ...]) -> dict[str, list[tuple[in
 
 def main(argv):
   del argv
+  cli.configure_logging()
   workdirs, out = _WORKDIRS.value, _OUT.value
   labels = _LABELS.value or [os.path.basename(os.path.normpath(w)) for w in workdirs]
   bits_list = [int(b) for b in _BITS.value]
   os.makedirs(out, exist_ok=True)
   results = {label: first_order_check(w, bits_list, _NUM_BATCHES.value)
              for label, w in zip(labels, workdirs)}
-  with open(os.path.join(out, "first_order.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  report.write_json_atomic(os.path.join(out, "first_order.json"), results)
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for i, (label, rows) in enumerate(results.items()):
@@ -154,4 +152,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdirs", "out"])
-  app.run(main)
+  cli.run(main)

@@ -15,10 +15,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from configs import fashion_mnist
-from qreg import data, models, objectives, parallel, train
+from qreg import cli, data, models, objectives, parallel, train
 
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 60, "Plain SGD steps before measuring.")
 _FD_STEPS = flags.DEFINE_list("fd_steps", ["1e-1", "1e-2", "3e-3", "1e-3", "3e-4", "1e-4", "1e-5"],
@@ -80,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,7 +3,7 @@
     python -m experiments.lazy_tradeoff --results=experiments/results/fashion_mnist_lazy \
         --step_cost=benchmarks/results/step_cost.json --model=small_cnn --batch_size=128
 
-Reads the lazy table's per_seed.json (experiments/lazy_parity.sh) and the
+Reads the lazy table's per_seed.json (`python -m experiments.study lazy_parity`) and the
 amortized `hvp` costs of benchmarks.step_cost for the same model and batch,
 and writes tradeoff.md (each (k, f): cost × bare, test accuracy mean ± std,
 and the paired difference to k = 1, f = 1 per seed, mean ± std) and
@@ -18,9 +18,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
 
 from experiments.make_tables import accuracy, mean_std  # pylint: disable=g-import-not-at-top
+from qreg import cli, report  # pylint: disable=g-import-not-at-top
 
 SETTINGS = ((None, None), (4, 4), (3, 3))
 EXACT = "l1-k1-f1"
@@ -83,8 +84,7 @@ def main(argv):
     axis.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(os.path.join(_RESULTS.value, "tradeoff.png"), dpi=120)
-  with open(os.path.join(_RESULTS.value, "tradeoff.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  report.write_text_atomic(os.path.join(_RESULTS.value, "tradeoff.md"), "\n".join(lines) + "\n")
   print("\n".join(lines))
 
 
@@ -95,4 +95,4 @@ if __name__ == "__main__":
                                    "benchmarks.step_cost's JSON with amortized costs.")
   _MODEL = flags.DEFINE_string("model", "small_cnn", "Model name in step_cost.json.")
   _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size in step_cost.json.")
-  app.run(main)
+  cli.run(main)

@@ -19,9 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
 
-from qreg import report  # pylint: disable=g-import-not-at-top
+from qreg import cli, report  # pylint: disable=g-import-not-at-top
 
 
 def _run_dirs(root: str, results_name: str = "results.json") -> list[str]:
@@ -37,13 +37,15 @@ def _run_dirs(root: str, results_name: str = "results.json") -> list[str]:
 
 
 def collect(root: str, results_name: str = "results.json") -> dict[str, list[dict]]:
-  """method -> [{"seed", "rows"}], in the order methods first appear."""
+  """method -> [{"seed", "rows"}], in the order methods first appear. A run whose results file
+  is truncated or unreadable is left out (report.read_finished_results says which)."""
   by_method = collections.OrderedDict()
   for dirpath in _run_dirs(root, results_name):
+    results = report.read_finished_results(os.path.join(dirpath, results_name))
+    if results is None:
+      continue
     with open(os.path.join(dirpath, "run.json")) as f:
       run = json.load(f)
-    with open(os.path.join(dirpath, results_name)) as f:
-      results = json.load(f)
     labels = run.get("labels", {})
     method = labels.get("method", run["name"])
     by_method.setdefault(method, []).append({"seed": labels.get("seed"), "rows": results["rows"]})
@@ -162,43 +164,30 @@ def make_tables(root: str, out: str, results_name: str = "results.json") -> str:
   summary, settings = summarize(by_method)
   os.makedirs(out, exist_ok=True)
   table = markdown(summary, settings)
-  with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(table)
-  with open(os.path.join(out, "table.json"), "w") as f:
-    json.dump({method: [{"weight_bits": w, "act_bits": a, "mean": m, "std": s, "seeds": n}
-                        for (w, a), (m, s, n) in cells.items()]
-               for method, cells in summary.items()}, f, indent=2)
-  with open(os.path.join(out, "per_seed.json"), "w") as f:
-    json.dump({method: [{"seed": run["seed"], "rows": [
-        {k: r[k] for k in ("weight_bits", "act_bits", "accuracy")} for r in run["rows"]]}
-                        for run in runs] for method, runs in by_method.items()}, f, indent=2)
+  report.write_text_atomic(os.path.join(out, "table.md"), table)
+  report.write_json_atomic(os.path.join(out, "table.json"), {
+      method: [{"weight_bits": w, "act_bits": a, "mean": m, "std": s, "seeds": n}
+               for (w, a), (m, s, n) in cells.items()] for method, cells in summary.items()})
+  report.write_json_atomic(os.path.join(out, "per_seed.json"), {
+      method: [{"seed": run["seed"], "rows": [
+          {k: r[k] for k in ("weight_bits", "act_bits", "accuracy")} for r in run["rows"]]}
+               for run in runs] for method, runs in by_method.items()})
   plot(summary, settings, os.path.join(out, "accuracy.png"))
   gains = {setting: paired_gains(by_method, setting) for setting in settings
            if all(setting in {(r["weight_bits"], r["act_bits"]) for r in run["rows"]}
                   for runs in by_method.values() for run in runs)}
   if any(gains.values()):
-    with open(os.path.join(out, "gains.md"), "w") as f:
-      f.write(gains_markdown(gains, list(gains)))
-    with open(os.path.join(out, "gains.json"), "w") as f:
-      json.dump([{"weight_bits": w, "act_bits": a, "gains": g} for (w, a), g in gains.items()],
-                f, indent=2)
+    report.write_text_atomic(os.path.join(out, "gains.md"), gains_markdown(gains, list(gains)))
+    report.write_json_atomic(os.path.join(out, "gains.json"),
+                             [{"weight_bits": w, "act_bits": a, "gains": g}
+                              for (w, a), g in gains.items()])
   return table
 
 
-def _command_line() -> None:
-  workdir = flags.DEFINE_string("workdir", None, "Root directory of a sweep.")
-  out = flags.DEFINE_string("out", None, "Where to write the tables and plots (default: workdir).")
-  results_name = flags.DEFINE_string("results", "results.json",
-                                     "Each run's results file, e.g. results_strong.json.")
-  flags.mark_flags_as_required(["workdir"])
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    print(make_tables(workdir.value, out.value or workdir.value, results_name.value))
-
-  app.run(main)
-
-
 if __name__ == "__main__":
-  _command_line()
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory of a sweep.", required=True)
+  _OUT = flags.DEFINE_string("out", None, "Where to write the tables and plots (default: workdir).")
+  _RESULTS = flags.DEFINE_string("results", "results.json",
+                                 "Each run's results file, e.g. results_strong.json.")
+  cli.run(lambda argv: print(make_tables(_WORKDIR.value, _OUT.value or _WORKDIR.value,
+                                         _RESULTS.value)))

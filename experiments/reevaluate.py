@@ -13,49 +13,51 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
 from configs.tables import protocols
-from qreg import checkpoint, cli, data, models, parallel, ptq, report
+from experiments import run_sweep
+from qreg import checkpoint, cli, data, parallel, ptq, report
 from qreg import config as config_lib
 from qreg.quant import setting_name
 
 
 def protocol_results(workdir: str, overrides: dict, bit_settings=None) -> dict:
   """The sweep of a trained workdir under config.quant overrides (results dict, not written)."""
-  config = checkpoint.read_run_config(workdir)
-  with config.unlocked():
-    for field, value in overrides.items():
-      section, key = field.split(".")
-      config[section][key] = value
-    if bit_settings is not None:
-      config.quant.bit_settings = tuple(bit_settings)
+  run = checkpoint.load_run(workdir)
+  settings = {} if bit_settings is None else {"quant.bit_settings": bit_settings}
+  config = config_lib.with_overrides(run.config, {**overrides, **settings})
   mesh = parallel.make_mesh()
   config_lib.validate(config, mesh.devices.size)
-  _, variables = checkpoint.restore_variables(workdir)
   pipeline = data.build_input_pipeline(config.data)
-  model = models.build_model(config.model, pipeline.info.num_classes)
   start = time.time()
-  setup = ptq.sweep_setup(config, model, pipeline.info.image_shape)
+  setup = ptq.sweep_setup(config, run.model, pipeline.info.image_shape)
   results = report.collect_sweep(
-      ptq.sweep(config, setup, model, variables["params"], variables["batch_stats"], pipeline,
-                mesh), setup.describe())
+      ptq.sweep(config, setup, run.model, run.variables["params"], run.variables["batch_stats"],
+                pipeline, mesh), setup.describe())
   results.update(overrides=overrides, seconds=time.time() - start,
-                 split=config.eval.split, config=json.loads(config.to_json_best_effort()))
+                 split=config.eval.split, config=json.loads(config.to_json_best_effort()),
+                 environment=report.environment())
   return results
 
 
+def results_name(protocol: str) -> str:
+  """The results file of a re-sweep under `protocol`, beside each run's results.json."""
+  return f"results_{protocol.replace('+', '_')}.json"
+
+
 def reevaluate_sweep(root: str, protocol: str) -> None:
-  """results_<protocol>.json beside every finished run's results.json under root."""
-  name = f"results_{protocol.replace('+', '_')}.json"
-  for dirpath, _, files in sorted(os.walk(root)):
-    if "run.json" not in files or "results.json" not in files or name in files:
+  """results_<protocol>.json beside every finished run's results.json under root; runs already
+  re-swept (a readable file) are skipped, a truncated one is redone."""
+  name = results_name(protocol)
+  for dirpath, _, files in sorted(os.walk(root, followlinks=True)):
+    if ("run.json" not in files or not run_sweep.is_finished(dirpath)
+        or run_sweep.is_finished(dirpath, name)):
       continue
     print(f"=== {os.path.relpath(dirpath, root)}: {protocol} ===", flush=True)
     results = protocol_results(dirpath, protocols.PROTOCOLS[protocol],
                                protocols.PROTOCOL_BIT_SETTINGS.get(protocol))
-    with open(os.path.join(dirpath, name), "w") as f:
-      json.dump(results, f, indent=2)
+    report.write_json_atomic(os.path.join(dirpath, name), results)
 
 
 def ladder(workdirs: list[str], labels: list[str], out: str) -> str:
@@ -68,8 +70,7 @@ def ladder(workdirs: list[str], labels: list[str], out: str) -> str:
       results = protocol_results(workdir, overrides, protocols.LADDER_BIT_SETTINGS)
       rows.append({"protocol": step_name, "run": label, "overrides": overrides,
                    "seconds": results["seconds"], "rows": results["rows"]})
-      with open(os.path.join(out, "ladder.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+      report.write_json_atomic(os.path.join(out, "ladder.json"), rows)
   settings = [(r["weight_bits"], r["act_bits"]) for r in rows[0]["rows"]]
   lines = ["| protocol | run | " + " | ".join(f"W{setting_name(w)}A{setting_name(a)}"
                                              for w, a in settings) + " | sweep time (s) |",
@@ -80,12 +81,11 @@ def ladder(workdirs: list[str], labels: list[str], out: str) -> str:
                  + " | ".join(f"{100 * accuracy[s]:.2f}" for s in settings)
                  + f" | {row['seconds']:.0f} |")
   table = "\n".join(lines) + "\n"
-  with open(os.path.join(out, "ladder.md"), "w") as f:
-    f.write(table)
+  report.write_text_atomic(os.path.join(out, "ladder.md"), table)
   return table
 
 
-def main(argv):
+def _main(argv):
   del argv
   cli.configure_logging()
   if _LADDER.value:
@@ -102,4 +102,4 @@ if __name__ == "__main__":
   _WORKDIRS = flags.DEFINE_list("workdirs", None, "Trained workdirs, for --ladder.")
   _LABELS = flags.DEFINE_list("labels", None, "One label per workdir.")
   _OUT = flags.DEFINE_string("out", None, "Output directory, for --ladder.")
-  app.run(main)
+  cli.run(_main)

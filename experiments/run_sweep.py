@@ -1,80 +1,106 @@
-"""Runs every run listed by a config file's sweep(), one workdir each, skipping finished ones.
+"""Runs every run listed by a sweep config's sweep(), one workdir each, skipping finished ones.
 
-    python -m experiments.run_sweep --config=configs/tables/fashion_mnist.py --workdir=<dir>
+    python -m experiments.run_sweep --config=configs/tables/paper.py:net=fashion_mnist --workdir=<dir>
+    python -m experiments.run_sweep --config=configs/tables/tuned.py:net=vgg \
+        --choices=experiments/results/vgg/tuning/choices.json --workdir=<dir>
 
-A sweep config file has get_config() (the shared base) and sweep(), a list of
-dicts: {"name": str, "overrides": {"dotted.field": value, ...}, "labels": {...},
-"warm_start": name of another run or None}. Run `name` trains in
-<dir>/<name>; a finished run (results.json present) is skipped, an
-interrupted one resumes from its checkpoint.
+A sweep config file has get_config(arg=None) (the shared base) and sweep(arg=None) (or
+sweep(arg=None, *, choices) for runs at a tuning's choices), a list of dicts: {"name": str,
+"overrides": {"dotted.field": value, ...}, "labels": {...}, "warm_start": name of another run
+or None}. Run `name` trains in <dir>/<name>; a finished run (a readable results.json) is skipped,
+an interrupted one resumes from its checkpoint, and a run whose results.json is truncated or
+unreadable is run again (its training is done, so only its sweep reruns).
 
-warm_start: runs that differ only in what happens from reg.start_epoch on
-(the method, its λ) share their first start_epoch epochs exactly, since data
-order and schedule are deterministic. Such a run starts from the named run's
-checkpoint at that epoch instead of retraining it, which gives the same
-parameters as training from scratch. The runner checks that the two configs
-agree on everything else and falls back to training from scratch when the
-checkpoint is not there.
+warm_start: runs that differ only in what happens from reg.start_epoch on (the method, its λ)
+share their first start_epoch epochs exactly, since data order and schedule are deterministic.
+Such a run starts from the named run's checkpoint at that epoch instead of retraining it, which
+gives the same parameters as training from scratch. The runner checks that the two configs agree
+on everything else and falls back to training from scratch when the checkpoint is not there.
 """
+import dataclasses
 import importlib.util
+import inspect
 import json
 import os
 import shutil
 import time
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 
-from qreg import cli, data, train
+from qreg import cli, data, main, report
+from qreg import config as config_lib
 
 # Fields a warm-started run may change: they only act from reg.start_epoch on.
 _METHOD_FIELDS = ("reg", "qat", "quant", "eval")
 
 
-def load_sweep_module(path: str):
-  """The sweep config file as a module."""
-  spec = importlib.util.spec_from_file_location("sweep_config", path)
-  if spec is None or not os.path.exists(path):
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """A sweep config file loaded with its argument: the base config and its runs."""
+  spec: str
+  base: ml_collections.ConfigDict
+  runs: list[dict[str, Any]]
+
+  def config(self, run: dict[str, Any]) -> ml_collections.ConfigDict:
+    return config_lib.with_overrides(self.base, run.get("overrides", {}))
+
+  def run(self, name: str) -> dict[str, Any]:
+    return next(run for run in self.runs if run["name"] == name)
+
+
+def load_module(spec: str):
+  """The sweep config file of 'path/to/file.py[:arg]' as a module, and its argument."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
     raise FileNotFoundError(f"No sweep config at {path}.")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def load_sweep(path: str):
-  """(get_config, runs) of a sweep config file."""
-  module = load_sweep_module(path)
+  module_spec = importlib.util.spec_from_file_location("sweep_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
   if not hasattr(module, "sweep"):
     raise ValueError(f"{path} has no sweep() function listing its runs.")
-  runs = module.sweep()
+  return module, arg or None
+
+
+def load_sweep(spec: str, choices: Mapping[str, dict] | None = None) -> Sweep:
+  """The sweep of 'path/to/file.py[:arg]'; choices ({method: overrides}) for a sweep that
+  measures a tuning's choices."""
+  module, arg = load_module(spec)
+  takes_choices = "choices" in inspect.signature(module.sweep).parameters
+  if takes_choices and choices is None:
+    raise ValueError(f"{spec} measures a tuning's choices: pass --choices=<choices.json> "
+                     "(experiments.tune writes it), or run it through experiments.study.")
+  if choices is not None and not takes_choices:
+    raise ValueError(f"{spec} takes no choices; drop --choices.")
+  runs = module.sweep(arg, choices=dict(choices)) if takes_choices else module.sweep(arg)
   names = [run["name"] for run in runs]
-  if len(set(names)) != len(names):
-    raise ValueError(f"{path}: run names must be unique, got {names}.")
-  return module.get_config, runs
+  duplicates = sorted({name for name in names if names.count(name) > 1})
+  if duplicates:
+    raise ValueError(f"{spec}: run names must be unique; repeated: {', '.join(duplicates)}.")
+  unknown = sorted({run["warm_start"] for run in runs if run.get("warm_start")} - set(names))
+  if unknown:
+    raise ValueError(f"{spec}: warm_start names no run of the sweep: {', '.join(unknown)}.")
+  return Sweep(spec, module.get_config(arg), runs)
 
 
-def run_config(get_config, run) -> ml_collections.ConfigDict:
-  config = get_config()
-  for field, value in run.get("overrides", {}).items():
-    *parents, key = field.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    if key not in node:
-      raise KeyError(f"Run {run['name']!r}: unknown config field {field!r}.")
-    node[key] = value
-  return config
+def read_choices(path: str) -> dict[str, dict]:
+  """method -> its chosen overrides, from a choices.json of experiments.tune."""
+  with open(path) as f:
+    return {method: choice["overrides"] for method, choice in json.load(f)["methods"].items()}
 
 
 def _shared_prefix_fields(config: ml_collections.ConfigDict) -> dict:
-  return {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k not in _METHOD_FIELDS}
+  return {k: v for k, v in json.loads(config.to_json_best_effort()).items()
+          if k not in _METHOD_FIELDS}
 
 
 def warm_start(config, source_config, source_dir: str, run_dir: str) -> bool:
   """Copies source_dir's checkpoint at config.reg.start_epoch into run_dir; False if there is none."""
   if _shared_prefix_fields(config) != _shared_prefix_fields(source_config):
     raise ValueError(f"Cannot warm-start {run_dir} from {source_dir}: their configs differ in "
-                     "more than the method fields " + str(_METHOD_FIELDS))
+                     f"more than the method fields {', '.join(_METHOD_FIELDS)}.")
   if config.reg.start_epoch != source_config.reg.start_epoch:
     raise ValueError(f"Cannot warm-start {run_dir} from {source_dir}: reg.start_epoch differs.")
   steps_per_epoch = data.build_input_pipeline(config.data).steps_per_epoch(config.data.batch_size)
@@ -87,50 +113,67 @@ def warm_start(config, source_config, source_dir: str, run_dir: str) -> bool:
   return True
 
 
-def run_sweep(sweep_path: str, root: str, only: list[str] | None = None) -> None:
-  get_config, runs = load_sweep(sweep_path)
-  by_name = {run["name"]: run for run in runs}
+def is_finished(run_dir: str, results_name: str = "results.json") -> bool:
+  """Whether run_dir holds a readable results file (a truncated one does not count)."""
+  return report.read_finished_results(os.path.join(run_dir, results_name)) is not None
+
+
+def share_run(source_dir: str, run_dir: str) -> None:
+  """Links a finished run of another sweep in as run_dir, where that run is not there yet: a
+  sweep whose run has the same config reuses it instead of training it again."""
+  if is_finished(source_dir) and not os.path.lexists(run_dir):
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    os.symlink(os.path.abspath(source_dir), run_dir)
+
+
+def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
+              choices: Mapping[str, dict] | None = None) -> Sweep:
+  """Trains and sweeps every unfinished run of the sweep in root/<name>; returns the sweep."""
+  sweep = load_sweep(spec, choices)
+  names = [run["name"] for run in sweep.runs]
+  unknown = sorted(set(only or ()) - set(names))
+  if unknown:
+    raise ValueError(f"--only names no run of {spec}: {', '.join(unknown)} (runs: "
+                     f"{', '.join(names)}).")
+  root = os.path.abspath(root)
   os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, "sweep.json"), "w") as f:
-    json.dump({"config": os.path.abspath(sweep_path), "runs": [run["name"] for run in runs]}, f,
-              indent=2)
-  for run in runs:
+  report.write_json_atomic(os.path.join(root, "sweep.json"),
+                           {"config": spec, "runs": names})
+  for run in sweep.runs:
     if only and run["name"] not in only:
       continue
-    run_dir = os.path.join(os.path.abspath(root), run["name"])
-    if os.path.exists(os.path.join(run_dir, "results.json")):
+    run_dir = os.path.join(root, run["name"])
+    if is_finished(run_dir):
       logging.info("Skipping %s: finished.", run["name"])
       continue
-    config = run_config(get_config, run)
+    config = sweep.config(run)
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "run.json"), "w") as f:
-      json.dump(run, f, indent=2)
+    report.write_json_atomic(os.path.join(run_dir, "run.json"), run)
     source = run.get("warm_start")
     if source and not os.path.exists(os.path.join(run_dir, "checkpoints")):
-      source_dir = os.path.join(os.path.abspath(root), source)
-      if warm_start(config, run_config(get_config, by_name[source]), source_dir, run_dir):
+      if warm_start(config, sweep.config(sweep.run(source)), os.path.join(root, source), run_dir):
         logging.info("%s starts from %s's checkpoint at epoch %d.", run["name"], source,
                      config.reg.start_epoch)
     start = time.time()
     print(f"=== {run['name']} ===", flush=True)
-    train.train_and_evaluate(config, run_dir)
+    main.train_and_evaluate(config, run_dir)
     print(f"=== {run['name']} done in {time.time() - start:.0f}s ===", flush=True)
+  return sweep
 
 
-def _command_line() -> None:
-  config = flags.DEFINE_string("config", None, "Sweep config file (with get_config() and sweep()).")
-  workdir = flags.DEFINE_string("workdir", None, "Root directory; one subdirectory per run.")
-  only = flags.DEFINE_list("only", None, "Run only these run names (default: all).")
-  flags.mark_flags_as_required(["config", "workdir"])
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cli.configure_logging()
-    run_sweep(config.value, workdir.value, only.value)
-
-  app.run(main)
+def _main(argv) -> None:
+  del argv
+  cli.configure_logging()
+  choices = read_choices(_CHOICES.value) if _CHOICES.value else None
+  run_sweep(_CONFIG.value, _WORKDIR.value, _ONLY.value, choices)
 
 
 if __name__ == "__main__":
-  _command_line()
+  _CONFIG = flags.DEFINE_string("config", None, "Sweep config file[:arg] (get_config, sweep).",
+                                required=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; one subdirectory per run.",
+                                 required=True)
+  _ONLY = flags.DEFINE_list("only", None, "Run only these run names (default: all).")
+  _CHOICES = flags.DEFINE_string("choices", None,
+                                 "choices.json of experiments.tune, for a sweep of tuned runs.")
+  cli.run(_main)

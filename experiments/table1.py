@@ -3,7 +3,7 @@
     python -m experiments.table1 [--networks=vgg,resnet18,mobilenetv2]
 
 Reads experiments/results/<network>/{paper,strong}/per_seed.json (written by
-experiments.make_tables; experiments/network_table.sh makes them) for each
+experiments.make_tables; `python -m experiments.study network_table --net=<network>` makes them) for each
 network that has them, and writes experiments/results/table1.md and
 table1.json:
 - test accuracy (%) of each method at float and W = A = 8, 6, 5, 4, 3, 2 bits,
@@ -17,11 +17,13 @@ table1.json:
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from experiments.make_tables import mean_std, paired_gains, seed_accuracies
+from qreg import cli, report
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+NETWORKS = ("vgg", "resnet18", "mobilenetv2")
 PROTOCOLS = ("paper", "strong")
 WIDTHS = (None, 8, 6, 5, 4, 3, 2)  # W = A; None = float
 BREAK_POINTS = 10.0
@@ -91,25 +93,22 @@ def markdown(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv):
-  del argv
+def write_table1(networks=NETWORKS) -> str:
+  """table1.md and table1.json from the networks' committed per_seed.json; returns the markdown."""
   results = {}
-  for network in _NETWORKS.value:
+  for network in networks:
     by_protocol = {p: read_network(network, p) for p in PROTOCOLS}
     if any(by_protocol.values()):
       results[network] = {p: r for p, r in by_protocol.items() if r is not None}
   if not results:
-    raise app.UsageError(f"No per_seed.json under {RESULTS}/<network>/<protocol>/ for any of "
-                         f"{_NETWORKS.value}; run experiments/network_table.sh first.")
+    raise FileNotFoundError(f"No per_seed.json under {RESULTS}/<network>/<protocol>/ for any of "
+                            f"{', '.join(networks)}; run experiments.study network_table first.")
   text = markdown(results)
-  with open(os.path.join(RESULTS, "table1.md"), "w") as f:
-    f.write(text)
-  with open(os.path.join(RESULTS, "table1.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  print(text)
+  report.write_text_atomic(os.path.join(RESULTS, "table1.md"), text)
+  report.write_json_atomic(os.path.join(RESULTS, "table1.json"), results)
+  return text
 
 
 if __name__ == "__main__":
-  _NETWORKS = flags.DEFINE_list("networks", ["vgg", "resnet18", "mobilenetv2"],
-                                "Networks under experiments/results/ to read.")
-  app.run(main)
+  _NETWORKS = flags.DEFINE_list("networks", list(NETWORKS), "Networks under experiments/results/ to read.")
+  cli.run(lambda argv: print(write_table1(_NETWORKS.value)))

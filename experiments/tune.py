@@ -1,59 +1,71 @@
 """Chooses each method's hyperparameter from a tuning sweep, on the validation split.
 
-    python -m experiments.tune --workdir=<tuning sweep root> --out=experiments/results/fashion_mnist_tuning
+    python -m experiments.tune --config=configs/tables/tuning.py:net=vgg --workdir=<tuning root> \
+        --out=experiments/results/vgg/tuning
 
-Reads every run's results.json (accuracies on the validation split; the runs
-were made with eval.split='validation') and the tuning config's CRITERION:
-among the values whose float accuracy is within MAX_FLOAT_DROP points of
-no-reg's, the one with the best mean accuracy over CRITERION_SETTINGS; if
-none is within, the one with the best float accuracy. Writes choices.json
-(each method's chosen overrides), grid.json and grid.md (the whole grid).
+Reads every run's results.json (accuracies on the validation split; the runs were made with
+eval.split='validation') and the tuning config's criterion: among the values whose float
+accuracy is within MAX_FLOAT_DROP points of no-reg's, the one with the best mean accuracy over
+CRITERION_SETTINGS; if none is within, the one with the best float accuracy (ties: the larger
+value index). Writes choices.json (each method's chosen overrides), grid.json and grid.md (the
+whole grid). experiments.study hands the choices to the table sweep.
 """
-import json
 import os
+from collections.abc import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import run_sweep
 from experiments.make_tables import accuracy
+from qreg import cli, report
 from qreg.quant import setting_name
 
 
-def choose(sweep_path: str, root: str) -> dict:
-  """{"criterion", "no_reg_float", "methods": {method: {"value", "overrides"}}, "grid": [...]}."""
-  module = run_sweep.load_sweep_module(sweep_path)
-  runs = module.sweep()
+def _setting_key(row) -> str:
+  return f"{setting_name(row['weight_bits'])},{setting_name(row['act_bits'])}"
+
+
+def choose(runs: Sequence[dict], root: str, criterion_settings, max_float_drop: float) -> dict:
+  """{"criterion", "no_reg_float", "methods": {method: {"value", "overrides"}}, "grid": [...]}.
+
+  runs: the tuning sweep's runs, no-reg and each method's grid value i as `<method>/<i>`
+  (labels "method" and "value"), in grid order.
+  """
   results = {}
   for run in runs:
     path = os.path.join(root, run["name"], "results.json")
-    with open(path) as f:
-      stored = json.load(f)
+    stored = report.read_finished_results(path)
+    if stored is None:
+      raise FileNotFoundError(f"{path} is missing or unreadable: the tuning run {run['name']} "
+                              "has not finished; run its sweep first.")
     if stored["config"]["eval"]["split"] != "validation":
       raise ValueError(f"{path} was measured on {stored['config']['eval']['split']!r}; tuning "
                        "reads the validation split only.")
     results[run["name"]] = stored["rows"]
   no_reg_float = accuracy(results["no-reg"], (None, None))
-  grid, chosen = [], {}
-  for method, values in module.GRIDS.items():
-    candidates = []
-    for i, overrides in enumerate(values):
-      rows = results[f"{method}/{i}"]
-      score = float(np.mean([accuracy(rows, s) for s in module.CRITERION_SETTINGS]))
-      float_acc = accuracy(rows, (None, None))
-      eligible = no_reg_float - float_acc <= module.MAX_FLOAT_DROP
-      grid.append({"method": method, "value": i, "overrides": overrides, "float": float_acc,
-                   "criterion": score, "eligible": eligible,
-                   "rows": {f"{setting_name(r['weight_bits'])},{setting_name(r['act_bits'])}":
-                            100 * r["accuracy"] for r in rows}})
-      candidates.append((eligible, score if eligible else float_acc, i))
-    _, _, best = max(candidates)
-    chosen[method] = {"value": best, "overrides": values[best]}
-  criterion = (f"best mean validation accuracy over {list(module.CRITERION_SETTINGS)} among values "
-               f"whose float validation accuracy is within {module.MAX_FLOAT_DROP} points of "
+  grid, candidates = [], {}
+  for run in runs:
+    if run["name"] == "no-reg":
+      continue
+    method, i = run["labels"]["method"], run["labels"]["value"]
+    rows = results[run["name"]]
+    score = float(np.mean([accuracy(rows, s) for s in criterion_settings]))
+    float_acc = accuracy(rows, (None, None))
+    eligible = no_reg_float - float_acc <= max_float_drop
+    grid.append({"method": method, "value": i, "overrides": run["overrides"], "float": float_acc,
+                 "criterion": score, "eligible": eligible,
+                 "rows": {_setting_key(r): 100 * r["accuracy"] for r in rows}})
+    candidates.setdefault(method, []).append((eligible, score if eligible else float_acc, i,
+                                              run["overrides"]))
+  chosen = {}
+  for method, scored in candidates.items():
+    _, _, best, overrides = max(scored, key=lambda c: c[:3])
+    chosen[method] = {"value": best, "overrides": overrides}
+  criterion = (f"best mean validation accuracy over {list(criterion_settings)} among values "
+               f"whose float validation accuracy is within {max_float_drop} points of "
                "no-reg's (else the best float accuracy)")
-  no_reg = {f"{setting_name(r['weight_bits'])},{setting_name(r['act_bits'])}": 100 * r["accuracy"]
-            for r in results["no-reg"]}
+  no_reg = {_setting_key(r): 100 * r["accuracy"] for r in results["no-reg"]}
   return {"criterion": criterion, "no_reg_float": no_reg_float, "no_reg_rows": no_reg,
           "methods": chosen, "grid": grid}
 
@@ -79,24 +91,27 @@ def markdown(choice: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv):
-  del argv
-  choice = choose(_CONFIG.value, _WORKDIR.value)
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "choices.json"), "w") as f:
-    json.dump({"criterion": choice["criterion"], "methods": choice["methods"]}, f, indent=2)
-  with open(os.path.join(_OUT.value, "grid.json"), "w") as f:
-    json.dump(choice, f, indent=2)
+def tune(spec: str, root: str, out: str) -> dict[str, dict]:
+  """Chooses on the tuning sweep `spec` run in root, writes choices.json, grid.json and grid.md
+  to out, and returns {method: chosen overrides}."""
+  module, _ = run_sweep.load_module(spec)
+  runs = run_sweep.load_sweep(spec).runs
+  choice = choose(runs, root, module.CRITERION_SETTINGS, module.MAX_FLOAT_DROP)
+  os.makedirs(out, exist_ok=True)
+  report.write_json_atomic(os.path.join(out, "choices.json"),
+                           {"criterion": choice["criterion"], "methods": choice["methods"]})
+  report.write_json_atomic(os.path.join(out, "grid.json"), choice)
   table = markdown(choice)
-  with open(os.path.join(_OUT.value, "grid.md"), "w") as f:
-    f.write(table)
-  print(table)
+  report.write_text_atomic(os.path.join(out, "grid.md"), table)
+  print(table, flush=True)
+  return {method: c["overrides"] for method, c in choice["methods"].items()}
 
 
 if __name__ == "__main__":
-  _CONFIG = flags.DEFINE_string("config", "configs/tables/fashion_mnist_tuning.py",
-                                "The tuning sweep config (GRIDS, CRITERION_SETTINGS, MAX_FLOAT_DROP).")
+  _CONFIG = flags.DEFINE_string("config", None,
+                                "The tuning sweep config[:arg] (CRITERION_SETTINGS, MAX_FLOAT_DROP).",
+                                required=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "The tuning sweep's root.", required=True)
   _OUT = flags.DEFINE_string("out", None, "Where to write choices.json, grid.json, grid.md.",
                              required=True)
-  app.run(main)
+  cli.run(lambda argv: tune(_CONFIG.value, _WORKDIR.value, _OUT.value))

@@ -4,7 +4,7 @@
 the penalty's gradient with two gradient evaluations. This compares their
 post-training-quantization accuracy.
 
-    python -m experiments.run_sweep --config=configs/tables/fashion_mnist_impls.py --workdir=<dir>
+    python -m experiments.run_sweep --config=configs/tables/impls.py --workdir=<dir>
 
 Each run warm-starts from <dir>/no-reg/seed<s> (the table's no-reg runs: link or
 copy them there, or let the sweep train them).
@@ -12,10 +12,14 @@ copy them there, or let the sweep train them).
 from configs import fashion_mnist
 from configs.tables import methods
 
-get_config, _ = methods.paper_table(fashion_mnist.get_config)
+
+def get_config(arg=None):
+  del arg
+  return methods.paper_table(fashion_mnist.get_config)[0]()
 
 
-def sweep():
+def sweep(arg=None):
+  del arg
   runs = []
   for seed in (0, 1, 2):
     runs.append({"name": f"no-reg/seed{seed}", "labels": {"method": "no-reg", "seed": seed},

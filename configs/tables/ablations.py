@@ -5,8 +5,7 @@
 - schedule: regularize the last epoch (fine-tuning after 3 plain epochs, as the
   paper did on ImageNet) vs from the start of all 4 epochs.
 
-    python -m experiments.run_sweep --config=configs/tables/fashion_mnist_ablations.py --workdir=workdirs/ablations
-    python -m experiments.make_tables --workdir=workdirs/ablations
+    python -m experiments.study ablations --workdir=workdirs/studies
 
 Runs that regularize only the last epoch warm-start from the seed's plain run.
 """
@@ -14,11 +13,13 @@ from configs import fashion_mnist
 from configs.tables import methods
 
 
-get_config, _ = methods.paper_table(fashion_mnist.get_config)
+def get_config(arg=None):
+  del arg
+  return methods.paper_table(fashion_mnist.get_config)[0]()
 
 
-def sweep():
-  config = get_config()
+def sweep(arg=None):
+  config = get_config(arg)
   lambda_w, lambda_a = config.reg.lambda_w, config.reg.lambda_a
   variants = {
       "no-reg": dict(methods.NO_PENALTY),

@@ -1,0 +1,89 @@
+"""Equal-budget tuning on the validation split: each method's hyperparameter on a grid, one tuning
+seed, every run measured on the validation split (never the test set).
+
+    --config=configs/tables/tuning.py:net=vgg            the pre-registered grids (GRIDS)
+    --config=configs/tables/tuning.py:net=resnet18,grid=l1_low   a grid extension (EXTENSIONS)
+    --config=configs/tables/tuning.py:net=small_cnn,grid=lazy    the k=4, f=1/4 schedule's lambdas
+
+The last 5,000 training images are held out as the validation split; every method acts in the
+last of 4 epochs, warm-started from the same no-reg run at epoch 3. experiments.tune picks each
+method's value by CRITERION_SETTINGS and MAX_FLOAT_DROP; experiments.study hands the choices to
+configs/tables/tuned.py. Every grid has the same no-reg run, so the studies share it.
+"""
+from configs.tables import common, methods, protocols
+
+TUNING_SEED = 0
+VALIDATION_SIZE = 5000
+
+
+def penalty_grid(norm: str, lambdas_a) -> list[dict]:
+  """The gradient-norm penalty (norm l1 or l2) at each lambda_a, with lambda_w = lambda_a / 10."""
+  return [{"reg.norm": norm, "reg.lambda_a": a, "reg.lambda_w": a / 10} for a in lambdas_a]
+
+
+# Each method's grid: 4 values a factor ~3 apart. l1/l2 keep the default run's ratio
+# lambda_w = lambda_a / 10; l2's grid is l1's times ~160 (the ratio of the logged l1 to l2 norms,
+# configs/tables/paper.py). STE-QAT's hyperparameter is its target bit-width.
+GRIDS = {
+    "l1": penalty_grid("l1", (0.003, 0.01, 0.03, 0.1)),
+    "l2": penalty_grid("l2", (0.5, 1.6, 5.0, 16.0)),
+    "kure": [{**methods.NO_PENALTY, "reg.lambda_kurtosis": k} for k in (0.1, 0.3, 1.0, 3.0)],
+    "ste-qat": [{**methods.NO_PENALTY, "qat.weight_bits": b, "qat.act_bits": b}
+                for b in (3, 4, 5, 6)],
+}
+# Grids extended downward, each fixed before any of its runs. The rule: a method whose whole
+# pre-registered grid failed the float criterion (the criterion fell back to the best float
+# accuracy) gets the next values of its own factor-~3 grid below it, with the same seed, split,
+# criterion and warm start. ResNet-18: only l1 fell back (0.003 lost 1.20 points), two values;
+# MobileNetV2: l1 and l2 both fell back (their smallest lost 7.0 and 3.5), three values each.
+EXTENSIONS = {
+    ("resnet18", "l1_low"): {"l1": penalty_grid("l1", (0.001, 0.0003))},
+    ("mobilenetv2", "low"): {"l1": penalty_grid("l1", (0.001, 0.0003, 0.0001)),
+                             "l2": penalty_grid("l2", (0.16, 0.05, 0.016))},
+}
+# The cheapest lazy schedule (penalty on one step in 4, on a quarter of each batch) gets its own
+# lambdas on the default l1 grid shifted one step down (its penalty gradient is noisier).
+LAZY_GRIDS = {"l1-k4-f0.25": [{"reg.norm": "l1", "reg.lambda_a": a, "reg.lambda_w": a / 10,
+                               "reg.every_k_steps": 4, "reg.penalty_batch_fraction": 0.25}
+                              for a in (0.001, 0.003, 0.01, 0.03)]}
+# How experiments.tune chooses: the best mean validation accuracy over these settings among
+# the values whose float validation accuracy is within MAX_FLOAT_DROP points of no-reg's.
+CRITERION_SETTINGS = ((4, 4), (3, 3))
+MAX_FLOAT_DROP = 1.0
+
+
+def _arg(arg):
+  return common.parse_arg(arg, net="small_cnn", grid="")
+
+
+def grids(arg=None) -> dict[str, list[dict]]:
+  """method -> its grid of overrides, for this config argument."""
+  parsed = _arg(arg)
+  if parsed.grid == "":
+    return GRIDS
+  if parsed.grid == "lazy":
+    return LAZY_GRIDS
+  if (parsed.net, parsed.grid) not in EXTENSIONS:
+    raise ValueError(f"grid={parsed.grid!r} on net={parsed.net!r}: expected lazy, or one of the "
+                     f"extensions {sorted(EXTENSIONS)}.")
+  return EXTENSIONS[parsed.net, parsed.grid]
+
+
+def get_config(arg=None):
+  config = common.network(_arg(arg).net)()
+  config.seed = TUNING_SEED
+  config.data.validation_size = VALIDATION_SIZE
+  config.eval.split = "validation"
+  config.quant.bit_settings = protocols.LOW_BIT_SETTINGS
+  return config
+
+
+def sweep(arg=None):
+  runs = [{"name": "no-reg", "labels": {"method": "no-reg", "seed": TUNING_SEED},
+           "overrides": dict(methods.NO_PENALTY), "warm_start": None}]
+  for method, grid in grids(arg).items():
+    for i, overrides in enumerate(grid):
+      runs.append({"name": f"{method}/{i}",
+                   "labels": {"method": method, "value": i, "seed": TUNING_SEED},
+                   "overrides": overrides, "warm_start": "no-reg"})
+  return runs

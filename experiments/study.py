@@ -1,0 +1,263 @@
+"""qreg's studies, each a sequence of resumable steps: train, tune, re-sweep, tabulate.
+
+    python -m experiments.study <study> [--net=<network>] [--workdir=workdirs/studies]
+
+| study              | steps                                                                 |
+|--------------------|-----------------------------------------------------------------------|
+| network_table      | tune on the validation split, the tuned 3-seed table on the test set,  |
+|                    | paper and strong protocol tables (and Table 1 for the paper networks)  |
+| fair_protocol      | network_table on small_cnn, the default runs, the protocol ladder on   |
+|                    | them, and the tuned table under strong+AdaRound                        |
+| extend_grids       | a grid extended downward (resnet18: l1; mobilenetv2: l1 and l2): its   |
+|                    | tuning, and its rows beside the tuned table's no-reg runs              |
+| lazy_parity        | the cheaper penalty schedules against the exact one (small_cnn, vgg)   |
+| default_comparison | the default run and its no-reg twin, per-tensor and per-channel, and   |
+|                    | the l1 run's integer exports at 8, 6 and 4 bits                        |
+| lambda_search      | the one-seed test-set lambda search behind the default lambdas         |
+| ablations          | the paper's ablations on the offline default (terms, schedule, λ)      |
+| table1             | the cross-network Table 1 from the committed tables                    |
+
+Runs train in --workdir/<net>/<sweep>/<run>; results go to experiments/results/. Every step
+skips what is done: a finished run (a readable results.json) is not retrained, an interrupted
+one resumes from its checkpoint, a re-sweep already written is not redone, and tables are
+rewritten from the runs. Tuned choices pass from the tuning step to the table sweep here; no
+config reads a results file.
+"""
+import dataclasses
+import os
+import shutil
+
+from absl import flags, logging
+
+from configs.tables import tuned
+from experiments import make_tables, reevaluate, run_sweep, table1, tune
+from qreg import cli, evaluate, export, report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLES = os.path.join(REPO, "configs", "tables")
+RESULTS = os.path.join(REPO, "experiments", "results")
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """Where a network's tables go under experiments/results."""
+  tuning: str
+  tables: str
+  extension: str | None = None  # the grid extension of configs/tables/tuning.py, if any
+  lazy: str | None = None  # the lazy schedules' tables, where they are run
+
+
+NETWORKS = {
+    "small_cnn": Network("fashion_mnist_tuning", "fashion_mnist_tuned", lazy="fashion_mnist_lazy"),
+    "vgg": Network("vgg/tuning", "vgg", lazy="vgg/lazy"),
+    "resnet18": Network("resnet18/tuning", "resnet18", extension="l1_low"),
+    "mobilenetv2": Network("mobilenetv2/tuning", "mobilenetv2", extension="low"),
+}
+
+
+def _table(name: str, arg: str = "") -> str:
+  return os.path.join(TABLES, f"{name}.py") + (f":{arg}" if arg else "")
+
+
+def _network(net: str) -> Network:
+  if net not in NETWORKS:
+    raise ValueError(f"--net={net}: expected one of {', '.join(NETWORKS)}.")
+  return NETWORKS[net]
+
+
+# Steps: each skips what is already done.
+
+def tuned_choices(spec: str, root: str, out: str) -> dict[str, dict]:
+  """The tuning sweep `spec` in root, then each method's choice on the validation split, written
+  to out; returns {method: overrides} for the table sweep."""
+  run_sweep.run_sweep(spec, root)
+  return tune.tune(spec, root, out)
+
+
+def both_protocols(root: str, out: str) -> None:
+  """The sweep's tables under the paper protocol, then every run re-swept under the strong one
+  and its tables."""
+  print(make_tables.make_tables(root, os.path.join(out, "paper")), flush=True)
+  reevaluate.reevaluate_sweep(root, "strong")
+  print(make_tables.make_tables(root, os.path.join(out, "strong"),
+                                reevaluate.results_name("strong")), flush=True)
+
+
+def share_no_reg_runs(net_root: str, target: str, tuning: bool) -> None:
+  """Links the network's finished no-reg runs (its tuning's, or its tuned table's seeds) into a
+  supplementary sweep whose no-reg runs have the same configs."""
+  if tuning:
+    run_sweep.share_run(os.path.join(net_root, "tuning", "no-reg"),
+                        os.path.join(net_root, target, "no-reg"))
+    return
+  for seed in tuned.SEEDS:
+    run_sweep.share_run(os.path.join(net_root, "tuned", "no-reg", f"seed{seed}"),
+                        os.path.join(net_root, target, "no-reg", f"seed{seed}"))
+
+
+# Studies.
+
+def network_table(workdir: str, net: str) -> None:
+  network, root = _network(net), os.path.join(workdir, net)
+  choices = tuned_choices(_table("tuning", f"net={net}"), os.path.join(root, "tuning"),
+                          os.path.join(RESULTS, network.tuning))
+  run_sweep.run_sweep(_table("tuned", f"net={net}"), os.path.join(root, "tuned"),
+                      choices=choices)
+  both_protocols(os.path.join(root, "tuned"), os.path.join(RESULTS, network.tables))
+  if net in table1.NETWORKS:
+    print(table1.write_table1(), flush=True)
+
+
+def default_runs(workdir: str) -> str:
+  """The default run and its no-reg twin (configs/tables/default.py); returns their root."""
+  root = os.path.join(workdir, "small_cnn", "default")
+  run_sweep.run_sweep(_table("default"), root)
+  return root
+
+
+def fair_protocol(workdir: str, net: str) -> None:
+  del net
+  network_table(workdir, "small_cnn")
+  default = default_runs(workdir)
+  ladder_out = os.path.join(RESULTS, "protocol_ladder")
+  if not os.path.exists(os.path.join(ladder_out, "ladder.md")):  # written last
+    print(reevaluate.ladder([os.path.join(default, "no_reg"), os.path.join(default, "l1")],
+                            ["no-reg", "l1"], ladder_out), flush=True)
+  tuned = os.path.join(workdir, "small_cnn", "tuned")
+  reevaluate.reevaluate_sweep(tuned, "strong+adaround")
+  print(make_tables.make_tables(
+      tuned, os.path.join(RESULTS, NETWORKS["small_cnn"].tables, "strong_adaround"),
+      reevaluate.results_name("strong+adaround")), flush=True)
+
+
+def extend_grids(workdir: str, net: str) -> None:
+  network, root = _network(net), os.path.join(workdir, net)
+  if network.extension is None:
+    raise ValueError(f"--net={net} has no grid extension; those with one: "
+                     f"{', '.join(n for n, w in NETWORKS.items() if w.extension)}.")
+  ext = network.extension
+  out = os.path.join(RESULTS, net, ext)
+  share_no_reg_runs(root, f"{ext}_tuning", tuning=True)
+  share_no_reg_runs(root, ext, tuning=False)
+  choices = tuned_choices(_table("tuning", f"net={net},grid={ext}"),
+                          os.path.join(root, f"{ext}_tuning"), os.path.join(out, "tuning"))
+  run_sweep.run_sweep(_table("tuned", f"net={net}"), os.path.join(root, ext), choices=choices)
+  both_protocols(os.path.join(root, ext), out)
+
+
+def lazy_parity(workdir: str, net: str) -> None:
+  network, root = _network(net), os.path.join(workdir, net)
+  if network.lazy is None:
+    raise ValueError(f"--net={net}: the lazy schedules are run on "
+                     f"{', '.join(n for n, w in NETWORKS.items() if w.lazy)}.")
+  out = os.path.join(RESULTS, network.lazy)
+  share_no_reg_runs(root, "lazy_tuning", tuning=True)
+  share_no_reg_runs(root, "lazy", tuning=False)
+  retuned = tuned_choices(_table("tuning", f"net={net},grid=lazy"),
+                          os.path.join(root, "lazy_tuning"), os.path.join(out, "tuning"))
+  l1 = run_sweep.read_choices(os.path.join(RESULTS, network.tuning, "choices.json"))["l1"]
+  choices = {"l1": l1, **{f"{method}-retuned": o for method, o in retuned.items()}}
+  run_sweep.run_sweep(_table("lazy", f"net={net}"), os.path.join(root, "lazy"), choices=choices)
+  print(make_tables.make_tables(os.path.join(root, "lazy"), out), flush=True)
+
+
+def _write_comparison(all_results, labels, out: str) -> None:
+  table = report.comparison_table(all_results, labels)
+  quantization = "\n".join(f"- {l}: {r.get('quantization', '')}"
+                           for l, r in zip(labels, all_results))
+  report.write_text_atomic(os.path.join(out, "comparison.md"), f"{table}\n{quantization}\n")
+  report.plot_accuracy(all_results, labels, os.path.join(out, "comparison.png"))
+  print(table, flush=True)
+
+
+def default_comparison(workdir: str, net: str) -> None:
+  del net
+  root, out = default_runs(workdir), os.path.join(RESULTS, "default_comparison")
+  os.makedirs(out, exist_ok=True)
+  results, labels = [], []
+  for per_channel in (False, True):
+    for run, label in (("no_reg", "no-reg"), ("l1", "l1")):
+      run_dir, name = os.path.join(root, run), f"{run}_per_channel" if per_channel else run
+      if per_channel:
+        path = os.path.join(run_dir, "results_per_channel.json")
+        if not run_sweep.is_finished(run_dir, "results_per_channel.json"):
+          report.write_json_atomic(path, reevaluate.protocol_results(
+              run_dir, {"quant.per_channel": True}))
+      else:
+        path = os.path.join(run_dir, "results.json")
+      results.append(report.read_finished_results(path))
+      labels.append(f"{label} {'per-channel' if per_channel else 'per-tensor'}")
+      report.write_json_atomic(os.path.join(out, f"{name}.json"), results[-1])
+      report.plot_accuracy([results[-1]], [name], os.path.join(out, f"{name}.png"))
+  _write_comparison(results, labels, out)
+  l1 = os.path.join(root, "l1")
+  lines = ["| file | bytes | ratio to float32 folded params |", "|---|---|---|"]
+  for bits in (8, 6, 4):
+    path = os.path.join(root, f"l1_w{bits}.npz")
+    sizes = export.export_workdir(l1, bits, path)
+    lines.append(f"| {bits}-bit export (.npz) | {sizes['export_bytes']:,} | "
+                 f"{sizes['export_bytes'] / sizes['float_params_bytes']:.3f} "
+                 f"(ideal {bits}/32 = {bits / 32:.3f}) |")
+    evaluate.evaluate_export(None, l1, path)
+    shutil.copy(os.path.join(l1, f"export_w{bits}_results.md"), out)
+  last = max(int(step) for step in os.listdir(os.path.join(l1, "checkpoints")) if step.isdigit())
+  checkpoint_dir = os.path.join(l1, "checkpoints", str(last))
+  checkpoint_bytes = sum(os.path.getsize(os.path.join(d, f))
+                         for d, _, files in os.walk(checkpoint_dir) for f in files)
+  lines += [f"| float32 folded params | {sizes['float_params_bytes']:,} | 1 |",
+            f"| orbax checkpoint (params, BN stats, optimizer state) | {checkpoint_bytes:,} | |"]
+  report.write_text_atomic(os.path.join(out, "export_sizes.md"), "\n".join(lines) + "\n")
+
+
+def lambda_search(workdir: str, net: str) -> None:
+  del net
+  root = os.path.join(workdir, "small_cnn", "lambda_search")
+  sweep = run_sweep.run_sweep(_table("lambda_search"), root)
+  names = [run["name"] for run in sweep.runs]
+  _write_comparison([report.load_results(os.path.join(root, n)) for n in names], names,
+                    os.path.join(RESULTS, "lambda_search"))
+
+
+def ablations(workdir: str, net: str) -> None:
+  del net
+  root = os.path.join(workdir, "small_cnn", "ablations")
+  run_sweep.run_sweep(_table("ablations"), root)
+  print(make_tables.make_tables(root, os.path.join(RESULTS, "ablations")), flush=True)
+
+
+def write_table1(workdir: str, net: str) -> None:
+  del workdir, net
+  print(table1.write_table1(), flush=True)
+
+
+STUDIES = {
+    "network_table": network_table,
+    "fair_protocol": fair_protocol,
+    "extend_grids": extend_grids,
+    "lazy_parity": lazy_parity,
+    "default_comparison": default_comparison,
+    "lambda_search": lambda_search,
+    "ablations": ablations,
+    "table1": write_table1,
+}
+
+
+def run_study(name: str, workdir: str, net: str = "small_cnn") -> None:
+  if name not in STUDIES:
+    raise ValueError(f"unknown study {name!r}: expected one of {', '.join(STUDIES)}.")
+  logging.info("Study %s (net %s) in %s.", name, net, os.path.abspath(workdir))
+  STUDIES[name](os.path.abspath(workdir), net)
+
+
+def _main(argv) -> None:
+  if len(argv) != 2:
+    raise ValueError(f"name one study: python -m experiments.study <study>, with <study> one of "
+                     f"{', '.join(STUDIES)}.")
+  cli.configure_logging()
+  run_study(argv[1], _WORKDIR.value, _NET.value)
+
+
+if __name__ == "__main__":
+  _NET = flags.DEFINE_string("net", "small_cnn", f"Network: {', '.join(NETWORKS)}.")
+  _WORKDIR = flags.DEFINE_string("workdir", "workdirs/studies", "Root of the studies' runs.")
+  cli.run(_main, positional_args=1)

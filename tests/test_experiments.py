@@ -1,0 +1,412 @@
+"""The sweep configs and the experiments tools (run_sweep, tune, make_tables, reevaluate, table1),
+against hand-computed expectations and naive loops."""
+import json
+import os
+
+import chex
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs.tables import lazy, paper, tuning
+from experiments import folded_ranges, make_tables, reevaluate, run_sweep, table1, tune
+from qreg import config as config_lib
+from qreg import checkpoint, evaluate, train
+from qreg.models import SmallCNN
+from tests.fakes import tiny_config, write_idx_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLES = os.path.join(REPO, "configs", "tables")
+RESULTS = os.path.join(REPO, "experiments", "results")
+
+
+def table(name: str, arg: str = "") -> str:
+  return os.path.join(TABLES, f"{name}.py") + (f":{arg}" if arg else "")
+
+
+def validated(sweep, run, tmp_path):
+  config = sweep.config(run)
+  if config.data.source == "idx":
+    config.data.data_dir = str(tmp_path)  # validated without the real files
+  config_lib.validate(config, num_devices=1)
+  return config
+
+
+@pytest.mark.parametrize("spec", [table("paper", f"net={net}") for net in paper.CONFIGS]
+                         + [table("ablations"), table("impls"), table("lambda_search"),
+                            table("default")])
+def test_table_configs_list_valid_runs(spec, tmp_path):
+  sweep = run_sweep.load_sweep(spec)
+  if ":net=" in spec:
+    assert {r["labels"]["method"] for r in sweep.runs} == {"no-reg", "l2", "l1", "ste-qat@4",
+                                                          "kure"}
+    assert {r["labels"]["seed"] for r in sweep.runs} == {0, 1, 2}
+  model = SmallCNN()
+  for run in sweep.runs:
+    config = validated(sweep, run, tmp_path)
+    optimizer = train.build_optimizer(config.optim, 10, 5)
+    plain = config.reg.lambda_w == config.reg.lambda_a == 0
+    assert (train.build_method_steps(config, model, optimizer, 1) is None) == (
+        plain and run.get("labels", {}).get("method", "no-reg") == "no-reg")
+    assert config_lib.parse_bit_settings(config.quant.bit_settings)[0] == (None, None)
+
+
+def test_config_arguments_are_checked():
+  with pytest.raises(ValueError, match="net='nope'"):
+    run_sweep.load_sweep(table("tuning", "net=nope"))
+  with pytest.raises(ValueError, match="key one of net, grid"):
+    run_sweep.load_sweep(table("tuning", "width=2"))
+  with pytest.raises(ValueError, match="grid='low' on net='vgg'"):
+    run_sweep.load_sweep(table("tuning", "net=vgg,grid=low"))
+  with pytest.raises(ValueError, match="pass --choices"):
+    run_sweep.load_sweep(table("tuned", "net=vgg"))
+  with pytest.raises(ValueError, match="takes no choices"):
+    run_sweep.load_sweep(table("tuning"), choices={})
+
+
+SWEEP_FILE = '''
+from tests.fakes import tiny_config
+IDX = {idx!r}
+def get_config(arg=None):
+  config = tiny_config(IDX)
+  config.quant.bit_settings = [(None, None), (4, 4)]
+  return config
+def sweep(arg=None):
+  runs = []
+  for seed in (0, 1):
+    runs.append({{"name": f"base/seed{{seed}}", "labels": {{"method": "base", "seed": seed}},
+                 "overrides": {{"seed": seed, "reg.lambda_w": 0.0, "reg.lambda_a": 0.0}}}})
+    runs.append({{"name": f"l1/seed{{seed}}", "labels": {{"method": "l1", "seed": seed}},
+                 "overrides": {{"seed": seed}}, "warm_start": f"base/seed{{seed}}"}})
+  runs.append({{"name": "l1-scratch", "overrides": {{"seed": 0}}}})
+  return runs
+'''
+
+
+@pytest.fixture
+def tiny_sweep(tmp_path):
+  idx_dir = tmp_path / "idx"
+  idx_dir.mkdir()
+  write_idx_dir(idx_dir, 64, 20)
+  path = tmp_path / "sweep.py"
+  path.write_text(SWEEP_FILE.format(idx=str(idx_dir)))
+  return str(path), str(idx_dir)
+
+
+def test_sweep_runner_warm_start_skips_and_tables(tiny_sweep, tmp_path):
+  sweep_path, _ = tiny_sweep
+  root = tmp_path / "runs"
+  run_sweep.run_sweep(sweep_path, str(root))
+
+  # The warm-started run equals the same run trained from scratch.
+  final = lambda name: ocp.CheckpointManager(str(root / name / "checkpoints")).restore(16)
+  chex.assert_trees_all_equal(final("l1/seed0")["params"], final("l1-scratch")["params"])
+
+  # Finished runs are skipped.
+  mtime = os.path.getmtime(root / "l1/seed0" / "results.json")
+  run_sweep.run_sweep(sweep_path, str(root))
+  assert os.path.getmtime(root / "l1/seed0" / "results.json") == mtime
+
+  table_md = make_tables.make_tables(str(root), str(tmp_path / "tables"))
+  accuracies = []
+  for seed in (0, 1):
+    with open(root / f"l1/seed{seed}" / "results.json") as f:
+      accuracies.append([100 * r["accuracy"] for r in json.load(f)["rows"]])
+  mean, std = np.mean(accuracies, 0), np.std(accuracies, 0, ddof=1)
+  assert f"| l1 | {mean[0]:.2f} ± {std[0]:.2f} | {mean[1]:.2f} ± {std[1]:.2f} | 2 |" in table_md
+  assert (tmp_path / "tables" / "accuracy.png").stat().st_size > 0
+
+  # A truncated results.json (a process killed while writing it) is not a finished run: the
+  # runner runs it again (its training is done: only the sweep reruns) and the tables skip it.
+  path = root / "l1/seed1" / "results.json"
+  expected = json.loads(path.read_text())["rows"]
+  path.write_text(path.read_text()[:50])
+  assert not run_sweep.is_finished(str(root / "l1/seed1"))
+  assert [m["seed"] for m in make_tables.collect(str(root))["l1"]] == [0]
+  run_sweep.run_sweep(sweep_path, str(root), only=["l1/seed1"])
+  assert json.loads(path.read_text())["rows"] == expected
+  assert os.path.getmtime(root / "l1/seed0" / "results.json") == mtime
+
+
+def test_sweep_runner_rejects_bad_sweeps(tiny_sweep, tmp_path):
+  sweep_path, idx_dir = tiny_sweep
+  with pytest.raises(ValueError, match="--only names no run .*: nope"):
+    run_sweep.run_sweep(sweep_path, str(tmp_path / "r"), only=["nope"])
+
+  def write(sweep_body):
+    path = tmp_path / "bad.py"
+    path.write_text(f"from tests.fakes import tiny_config\n"
+                    f"def get_config(arg=None):\n  return tiny_config({idx_dir!r})\n"
+                    f"def sweep(arg=None):\n  return {sweep_body}\n")
+    return str(path)
+
+  with pytest.raises(ValueError, match="repeated: a"):
+    run_sweep.load_sweep(write('[{"name": "a"}, {"name": "a"}]'))
+  with pytest.raises(ValueError, match="warm_start names no run of the sweep: b"):
+    run_sweep.load_sweep(write('[{"name": "a", "warm_start": "b"}]'))
+  with pytest.raises(ValueError, match="reg.no_such_field"):
+    run_sweep.run_sweep(write('[{"name": "a", "overrides": {"reg.no_such_field": 1}}]'),
+                        str(tmp_path / "r"))
+  # A warm start from a run that differs in more than the method fields.
+  mismatch = write('[{"name": "a", "overrides": {"seed": 0}},'
+                   ' {"name": "b", "overrides": {"seed": 1}, "warm_start": "a"}]')
+  with pytest.raises(ValueError, match="Cannot warm-start .*differ in more than the method"):
+    run_sweep.run_sweep(mismatch, str(tmp_path / "w"), only=["b"])
+  with pytest.raises(FileNotFoundError, match="No sweep config"):
+    run_sweep.load_sweep(str(tmp_path / "missing.py"))
+
+
+def test_paired_gains_subtract_no_reg_seed_by_seed(tmp_path):
+  rng = np.random.default_rng(0)
+  acc = {(m, seed): rng.uniform(0.1, 0.9, 2) for m in ("no-reg", "l1") for seed in range(3)}
+  rows = lambda m, seed: [{"weight_bits": w, "act_bits": w, "accuracy": float(acc[m, seed][i])}
+                          for i, w in enumerate((None, 4))]
+  root = tmp_path / "runs"
+  # l1 has seeds 2 and 0 only, written in that order: pairs follow the seed, not the order.
+  for m, seeds in (("no-reg", (0, 1, 2)), ("l1", (2, 0))):
+    for seed in seeds:
+      run = root / m / f"seed{seed}"
+      run.mkdir(parents=True)
+      (run / "run.json").write_text(json.dumps({"name": f"{m}/seed{seed}",
+                                                "labels": {"method": m, "seed": seed}}))
+      (run / "results.json").write_text(json.dumps({"rows": rows(m, seed)}))
+  make_tables.make_tables(str(root), str(tmp_path / "tables"))
+  with open(tmp_path / "tables" / "gains.json") as f:
+    gains = {(g["weight_bits"], g["act_bits"]): g["gains"] for g in json.load(f)}
+  for i, setting in enumerate(((None, None), (4, 4))):
+    naive = [100 * (acc["l1", seed][i] - acc["no-reg", seed][i]) for seed in (0, 2)]
+    g = gains[setting]["l1"]
+    np.testing.assert_allclose(list(g["per_seed"].values()), naive, rtol=1e-12)
+    assert list(g["per_seed"]) == ["0", "2"]
+    np.testing.assert_allclose([g["mean"], g["std"]], [np.mean(naive), np.std(naive, ddof=1)],
+                               rtol=1e-12)
+  assert "no-reg" not in gains[(4, 4)]
+  lines = (tmp_path / "tables" / "gains.md").read_text().splitlines()
+  assert lines[-1].startswith(f"| l1 | {gains[(None, None)]['l1']['mean']:+.2f} ± ")
+
+
+def committed_tables():
+  return sorted(os.path.relpath(d, RESULTS) for d, _, files in os.walk(RESULTS)
+                if "per_seed.json" in files)
+
+
+@pytest.mark.parametrize("tables", committed_tables())
+def test_committed_tables_regenerate_byte_identical_from_their_runs(tables, tmp_path):
+  """Each committed table's runs, laid out as a sweep root, give back its committed files."""
+  out = os.path.join(RESULTS, tables)
+  with open(os.path.join(out, "per_seed.json")) as f:
+    per_seed = json.load(f)
+  names = []
+  for method, runs in per_seed.items():
+    for run in runs:
+      name = f"{method}/seed{run['seed']}"
+      (tmp_path / "root" / name).mkdir(parents=True)
+      (tmp_path / "root" / name / "run.json").write_text(json.dumps(
+          {"name": name, "labels": {"method": method, "seed": run["seed"]}}))
+      (tmp_path / "root" / name / "results.json").write_text(json.dumps({"rows": run["rows"]}))
+      names.append(name)
+  (tmp_path / "root" / "sweep.json").write_text(json.dumps({"runs": names}))
+  make_tables.make_tables(str(tmp_path / "root"), str(tmp_path / "out"))
+  for name in ("table.md", "table.json", "per_seed.json", "gains.md", "gains.json"):
+    if os.path.exists(os.path.join(out, name)):
+      assert (tmp_path / "out" / name).read_bytes() == open(os.path.join(out, name), "rb").read(), name
+
+
+def test_table1_regenerates_byte_identical(tmp_path, monkeypatch):
+  monkeypatch.setattr(table1, "RESULTS", str(tmp_path))
+  for network in table1.NETWORKS:
+    for protocol in table1.PROTOCOLS:
+      (tmp_path / network / protocol).mkdir(parents=True)
+      (tmp_path / network / protocol / "per_seed.json").write_bytes(
+          open(os.path.join(RESULTS, network, protocol, "per_seed.json"), "rb").read())
+  table1.write_table1()
+  for name in ("table1.md", "table1.json"):
+    assert (tmp_path / name).read_bytes() == open(os.path.join(RESULTS, name), "rb").read()
+
+
+def test_table1_breaking_width_and_gains_against_a_naive_reading(tmp_path, monkeypatch):
+  monkeypatch.setattr(table1, "RESULTS", str(tmp_path))
+  rng = np.random.default_rng(1)
+  # no-reg loses 2 points at 6 bits, 12 at 5 bits: it breaks at W5A5.
+  drop = {None: 0.0, 8: 0.5, 6: 2.0, 5: 12.0, 4: 30.0, 3: 60.0, 2: 80.0}
+  per_seed = {}
+  for method, shift in (("no-reg", 0.0), ("l1", 5.0)):
+    per_seed[method] = [{"seed": seed, "rows": [
+        {"weight_bits": w, "act_bits": w,
+         "accuracy": (90.0 - drop[w] + (shift + rng.normal() if w else 0.0)) / 100}
+        for w in table1.WIDTHS]} for seed in (0, 1, 2)]
+  (tmp_path / "vgg" / "paper").mkdir(parents=True)
+  (tmp_path / "vgg" / "paper" / "per_seed.json").write_text(json.dumps(per_seed))
+  found = table1.read_network("vgg", "paper")
+  assert found["breaking_width"] == 5
+  at = lambda m, s: 100 * next(r["accuracy"] for r in per_seed[m][s]["rows"] if r["weight_bits"] == 5)
+  naive = [at("l1", s) - at("no-reg", s) for s in range(3)]
+  np.testing.assert_allclose(found["gains"]["l1"], (np.mean(naive), np.std(naive, ddof=1)),
+                             rtol=1e-12)
+  assert "| vgg | paper | W5A5 |" in table1.markdown({"vgg": {"paper": found}})
+
+
+def write_tuning_results(root, grid_runs, float_and_low):
+  """Fake validation results: {run name: (float accuracy, accuracy at every other setting)}."""
+  for name, (float_acc, low_acc) in float_and_low.items():
+    os.makedirs(root / name, exist_ok=True)
+    rows = [{"weight_bits": w, "act_bits": a,
+             "accuracy": float_acc if w is None and a is None else low_acc}
+            for w, a in ((None, None), (4, 4), (3, 3))]
+    (root / name / "results.json").write_text(json.dumps(
+        {"rows": rows, "config": {"eval": {"split": "validation"}}}))
+  return [{"name": "no-reg", "overrides": {}, "labels": {"method": "no-reg"}}] + grid_runs
+
+
+def grid_runs(method, n):
+  return [{"name": f"{method}/{i}", "overrides": {"v": i}, "labels": {"method": method, "value": i}}
+          for i in range(n)]
+
+
+def test_tune_chooses_by_the_criterion_with_its_fallback_ties_and_limit(tmp_path):
+  runs = write_tuning_results(tmp_path, grid_runs("a", 4) + grid_runs("b", 3) + grid_runs("c", 3), {
+      "no-reg": (0.92, 0.5),
+      # a: value 3 scores best but loses 7 points; value 1 loses exactly the limit (1 point).
+      "a/0": (0.92, 0.6), "a/1": (0.91, 0.8), "a/2": (0.905, 0.9), "a/3": (0.85, 0.95),
+      # b: every value loses more than the limit: the best float accuracy is chosen.
+      "b/0": (0.80, 0.9), "b/1": (0.85, 0.7), "b/2": (0.82, 0.95),
+      # c: a tie on the criterion goes to the larger value.
+      "c/0": (0.92, 0.7), "c/1": (0.92, 0.7), "c/2": (0.80, 0.99)})
+  choice = tune.choose(runs, str(tmp_path), ((4, 4), (3, 3)), 1.0)
+  assert {m: c["value"] for m, c in choice["methods"].items()} == {"a": 1, "b": 1, "c": 1}
+  assert choice["methods"]["a"]["overrides"] == {"v": 1}
+  eligible = {(g["method"], g["value"]): g["eligible"] for g in choice["grid"]}
+  assert eligible[("a", 1)] and not eligible[("a", 2)]  # 1.0 point is within, 1.5 is not
+  assert "(float drop > limit)" in tune.markdown(choice)
+
+  (tmp_path / "a/0" / "results.json").write_text(json.dumps(
+      {"rows": [], "config": {"eval": {"split": "test"}}}))
+  with pytest.raises(ValueError, match="reads the validation split only"):
+    tune.choose(runs, str(tmp_path), ((4, 4), (3, 3)), 1.0)
+  (tmp_path / "a/0" / "results.json").write_text('{"rows": [')
+  with pytest.raises(FileNotFoundError, match="a/0 has not finished"):
+    tune.choose(runs, str(tmp_path), ((4, 4), (3, 3)), 1.0)
+
+
+def test_tuning_grids_have_equal_budgets_on_the_validation_split(tmp_path):
+  assert len({len(grid) for grid in tuning.GRIDS.values()}) == 1
+  assert min(len(grid) for grid in tuning.GRIDS.values()) >= 4
+  sweep = run_sweep.load_sweep(table("tuning"))
+  for run in sweep.runs:
+    assert validated(sweep, run, tmp_path).eval.split == "validation"  # never the test set
+
+
+@pytest.mark.parametrize("arg", ["net=small_cnn", "net=vgg", "net=resnet18,grid=l1_low",
+                                 "net=mobilenetv2,grid=low", "net=small_cnn,grid=lazy",
+                                 "net=vgg,grid=lazy"])
+def test_every_tuning_lists_the_grid_that_tune_reads(arg):
+  # experiments.tune finds value i of a method's grid in the run <method>/<i>.
+  runs = run_sweep.load_sweep(table("tuning", arg)).runs
+  listed = {run["name"]: run["overrides"] for run in runs}
+  expected = {f"{method}/{i}": overrides for method, grid in tuning.grids(arg).items()
+              for i, overrides in enumerate(grid)}
+  assert {name: listed.get(name) for name in expected} == expected
+  assert set(listed) == set(expected) | {"no-reg"}
+  assert all(run["labels"]["value"] == int(run["name"].split("/")[1]) for run in runs[1:])
+  # Every tuning of a network shares its no-reg run (experiments.study links it in).
+  assert runs[0] == run_sweep.load_sweep(table("tuning", arg.split(",")[0])).runs[0]
+  assert (run_sweep.load_sweep(table("tuning", arg)).base.to_json()
+          == run_sweep.load_sweep(table("tuning", arg.split(",")[0])).base.to_json())
+
+
+@pytest.mark.parametrize("net,model_name,width", [
+    ("vgg", "vgg_like", 0.125), ("resnet18", "resnet18", 0.125),
+    ("mobilenetv2", "mobilenetv2", 0.35)])
+def test_paper_network_tuning_is_the_default_tuning_on_that_network(net, model_name, width):
+  default = run_sweep.load_sweep(table("tuning"))
+  sweep = run_sweep.load_sweep(table("tuning", f"net={net}"))
+  assert sweep.runs == default.runs  # the same grids, seed and warm starts
+  tuned_config = run_sweep.load_sweep(table("tuned", f"net={net}"), choices={}).base
+  assert tuned_config.eval.split == "test"
+  tuned_config.eval.split = "validation"
+  assert tuned_config.to_json() == sweep.base.to_json()  # the test set is all that changes
+  config = sweep.base
+  assert (config.model.name, config.model.width) == (model_name, width)
+  config.model.name, config.model.width, config.model.stem = "small_cnn", 1.0, "cifar"
+  assert config.to_json() == default.base.to_json()  # only the model differs
+
+
+@pytest.mark.parametrize("net", ["small_cnn", "vgg"])
+def test_lazy_table_varies_only_the_penalty_schedule(net, tmp_path):
+  l1 = {"reg.norm": "l1", "reg.lambda_a": 0.01, "reg.lambda_w": 0.001}
+  retuned = {**l1, "reg.lambda_a": 0.003, "reg.every_k_steps": 4,
+             "reg.penalty_batch_fraction": 0.25}
+  sweep = run_sweep.load_sweep(table("lazy", f"net={net}"),
+                               choices={"l1": l1, "l1-k4-f0.25-retuned": retuned})
+  schedules = set()
+  for run in sweep.runs:
+    config = validated(sweep, run, tmp_path)
+    method = run["labels"]["method"]
+    if method != "no-reg":
+      assert run["warm_start"] == f"no-reg/seed{run['labels']['seed']}"
+    if method == "l1-k4-f0.25-retuned":
+      assert {k: run["overrides"][k] for k in retuned} == retuned
+    elif method != "no-reg":
+      schedules.add((config.reg.every_k_steps, config.reg.penalty_batch_fraction,
+                     config.reg.lambda_w, config.reg.lambda_a))
+  assert {(k, f) for k, f, _, _ in schedules} == {(k, f) for k in lazy.EVERY_K for f in lazy.FRACTIONS}
+  assert {(w, a) for _, _, w, a in schedules} == {(0.001, 0.01)}  # scaled by k inside only
+  # Its no-reg runs are the tuned table's, so experiments.study shares them.
+  tuned_sweep = run_sweep.load_sweep(table("tuned", f"net={net}"), choices={})
+  assert [r for r in sweep.runs if r["labels"]["method"] == "no-reg"] == tuned_sweep.runs
+
+
+@pytest.mark.parametrize("net,ext,methods", [("resnet18", "l1_low", {"l1"}),
+                                              ("mobilenetv2", "low", {"l1", "l2"})])
+def test_grid_extensions_continue_the_grids_below_the_tuning(net, ext, methods):
+  runs = run_sweep.load_sweep(table("tuning", f"net={net},grid={ext}")).runs
+  assert {run["labels"]["method"] for run in runs[1:]} == methods
+  assert all(run["warm_start"] == "no-reg" for run in runs[1:])
+  for method in methods:
+    default = [g["reg.lambda_a"] for g in tuning.GRIDS[method]]
+    extension = [run["overrides"] for run in runs[1:] if run["labels"]["method"] == method]
+    lambdas = [o["reg.lambda_a"] for o in extension]
+    assert max(lambdas) < min(default)  # strictly below the pre-registered grid
+    steps = sorted(default + lambdas)  # and the same factor-~3 spacing continued
+    assert all(2.9 < b / a < 3.5 for a, b in zip(steps, steps[1:]))
+    assert all(o["reg.norm"] == method and o["reg.lambda_w"] == o["reg.lambda_a"] / 10
+               for o in extension)
+
+
+def test_reevaluate_applies_the_protocol_and_redoes_only_unfinished_runs(reference_copy):
+  """A re-sweep under a protocol gives the rows that evaluating the checkpoint with the protocol
+  in its config gives (not the run's own rows), once per run; a truncated one is redone."""
+  overrides = {"quant.per_channel": True, "quant.calibration": "mse"}
+  own_rows = json.loads(open(os.path.join(reference_copy, "results.json")).read())["rows"]
+  results = reevaluate.protocol_results(reference_copy, overrides)
+  config = config_lib.with_overrides(checkpoint.read_run_config(reference_copy), overrides)
+  direct = evaluate.evaluate_workdir(config, reference_copy)["rows"]
+  assert results["rows"] == direct != own_rows
+  assert results["overrides"] == overrides and results["environment"]["process_count"] == 1
+
+  root = os.path.dirname(reference_copy)
+  with open(os.path.join(reference_copy, "run.json"), "w") as f:
+    json.dump({"name": "run"}, f)
+  reevaluate.reevaluate_sweep(root, "strong")
+  written = os.path.join(reference_copy, reevaluate.results_name("strong"))
+  mtime = os.path.getmtime(written)
+  reevaluate.reevaluate_sweep(root, "strong")
+  assert os.path.getmtime(written) == mtime  # done: skipped
+  with open(written, "r+") as f:
+    f.truncate(100)
+  reevaluate.reevaluate_sweep(root, "strong")
+  assert run_sweep.is_finished(reference_copy, reevaluate.results_name("strong"))
+
+
+def test_folded_ranges_reads_each_output_channels_range():
+  rng = np.random.default_rng(0)
+  wide = rng.normal(size=(3, 3, 1, 8)).astype(np.float32)
+  wide[..., 5] *= 100.0
+  params = {"a": {"conv": {"kernel": wide, "bias": np.ones(8)}},
+            "b": {"kernel": rng.normal(size=(4, 6)).astype(np.float32)}}
+  spreads = folded_ranges.channel_spread(params)
+  naive = [max(abs(wide[..., c]).max() for c in range(8)),
+           np.median([abs(wide[..., c]).max() for c in range(8)])]
+  assert [path for _, path, _ in spreads] == ["a/conv/kernel", "b/kernel"]
+  np.testing.assert_allclose(spreads[0][0], naive[0] / naive[1], rtol=1e-6)
+  np.testing.assert_allclose(spreads[0][2], naive[0], rtol=1e-6)
