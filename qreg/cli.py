@@ -85,16 +85,17 @@ def configure_logging() -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
-def run(job: Callable[[list[str]], None]) -> None:
+def run(job: Callable[[list[str]], None], positional_args: int = 0) -> None:
   """app.run(job) with plain errors: user errors as one line and status 2, preemption as
   128 + signal. The job calls configure_logging once JAX may start its backend (after
-  jax.distributed.initialize, where there is one). --verbose is defined here, so that importing
-  this module defines no flag."""
+  jax.distributed.initialize, where there is one). The job takes up to positional_args
+  arguments besides the flags (argv[1:]). --verbose is defined here, so that importing this
+  module defines no flag."""
   verbose = flags.DEFINE_bool("verbose", False, "Show the traceback of an error.")
 
   def main(argv):
-    if len(argv) > 1:
-      fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if len(argv) > 1 + positional_args:
+      fail(f"unexpected arguments: {' '.join(argv[1 + positional_args:])}")
     try:
       job(argv)
     except checkpoint.Preempted as e:
