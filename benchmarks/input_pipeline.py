@@ -19,10 +19,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from configs import fashion_mnist
-from qreg import data, models, parallel, train
+from qreg import cli, data, models, parallel, report, train
 
 _STEPS = flags.DEFINE_integer("steps", 300, "Timed steps per variant.")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Steps per metrics window.")
@@ -78,9 +78,8 @@ def main(argv):
   if _OUTPUT_DIR.value:
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     name = "after.json" if prefetch else "before.json"
-    with open(os.path.join(_OUTPUT_DIR.value, name), "w") as f:
-      json.dump(results, f, indent=2)
+    report.write_json_atomic(os.path.join(_OUTPUT_DIR.value, name), results)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

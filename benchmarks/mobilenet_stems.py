@@ -9,18 +9,16 @@ update, the offline default's SGD) of VGG-like at width 1/8 and of MobileNetV2 a
 round, median per variant, each as a multiple of VGG-like's. Writes mobilenet_stems.md/json.
 """
 import functools
-import json
 import os
 
 import jax
 import jax.numpy as jnp
-from absl import app
 
 # --steps and --output_dir are step_cost's flags (defined there, shared by this benchmark).
 from benchmarks.step_cost import (_OUTPUT_DIR, _STEPS, NUM_CLASSES, make_bare_train_step,
                                   median_step_seconds, synthetic_batch)
 from configs import fashion_mnist_mobilenetv2, fashion_mnist_vgg
-from qreg import models, parallel, train
+from qreg import cli, models, parallel, report, train
 
 VARIANTS = (("cifar", 0.25), ("stride16", 0.25), ("stride16", 0.35), ("stride16", 0.5),
             ("imagenet", 0.5))
@@ -54,17 +52,17 @@ def main(argv):
   rows = [{"model": name, "step_ms": 1e3 * m, "ratio_to_vgg": m / medians[REFERENCE]}
           for name, m in medians.items()]
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-  with open(os.path.join(_OUTPUT_DIR.value, "mobilenet_stems.json"), "w") as f:
-    json.dump({"batch_size": BATCH_SIZE, "steps": _STEPS.value,
-               "device": str(jax.devices()[0].device_kind), "rows": rows}, f, indent=2)
+  report.write_json_atomic(os.path.join(_OUTPUT_DIR.value, "mobilenet_stems.json"),
+                           {"batch_size": BATCH_SIZE, "steps": _STEPS.value,
+                            "device": str(jax.devices()[0].device_kind), "rows": rows})
   lines = [f"Bare step, batch {BATCH_SIZE}, 28x28x1, median of {_STEPS.value} interleaved "
            f"rounds on {jax.devices()[0].device_kind}.", "",
            "| model | step (ms) | x VGG-like 1/8 |", "|---|---|---|"]
   lines += [f"| {r['model']} | {r['step_ms']:.0f} | {r['ratio_to_vgg']:.2f} |" for r in rows]
-  with open(os.path.join(_OUTPUT_DIR.value, "mobilenet_stems.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  report.write_text_atomic(os.path.join(_OUTPUT_DIR.value, "mobilenet_stems.md"),
+                           "\n".join(lines) + "\n")
   print("\n".join(lines))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -24,7 +24,6 @@ Writes step_cost.md and step_cost.json to --output_dir. Runs unchanged on
 CPU, GPU or TPU (all local devices, batch split over them).
 """
 import functools
-import json
 import os
 import statistics
 import time
@@ -37,7 +36,7 @@ from absl import app, flags
 
 from configs import (cifar10_mobilenetv2, cifar10_resnet18, cifar10_vgg, fashion_mnist,
                      fashion_mnist_mobilenetv2, fashion_mnist_resnet18, fashion_mnist_vgg)
-from qreg import models, objectives, parallel, train
+from qreg import cli, models, objectives, parallel, report, train
 
 # Model name -> (config module giving model, batch size, optimizer and lambdas; input shape).
 BENCHMARKS = {
@@ -247,8 +246,7 @@ def markdown_table(results: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv
   unknown = [m for m in _MODELS.value if m not in BENCHMARKS]
   if unknown:
     raise app.UsageError(f"Unknown --models {unknown}; expected some of {list(BENCHMARKS)}.")
@@ -273,11 +271,9 @@ def main(argv):
   table = markdown_table(results)
   print(table)
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-  with open(os.path.join(_OUTPUT_DIR.value, "step_cost.md"), "w") as f:
-    f.write(table)
-  with open(os.path.join(_OUTPUT_DIR.value, "step_cost.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  report.write_text_atomic(os.path.join(_OUTPUT_DIR.value, "step_cost.md"), table)
+  report.write_json_atomic(os.path.join(_OUTPUT_DIR.value, "step_cost.json"), results)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

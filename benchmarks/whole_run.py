@@ -18,6 +18,8 @@ import time
 
 from absl import app, flags
 
+from qreg import cli, report
+
 VARIANTS = {
     "no-reg": ["--config.reg.lambda_w=0", "--config.reg.lambda_a=0"],
     "l1": [],
@@ -42,15 +44,13 @@ def time_run(overrides: list[str], workdir: str) -> dict:
   wall = time.time() - start
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     times = [json.loads(line)["time"] for line in f]
-  with open(os.path.join(workdir, "results.json")) as f:
-    rows = json.load(f)["rows"]
+  rows = report.load_results(workdir)["rows"]
   return {"wall_s": wall, "train_s": times[-1] - times[0], "overrides": overrides,
           "accuracy": {f"{r['weight_bits']},{r['act_bits']}": r["accuracy"] for r in rows}}
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv
   unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
   if unknown:
     raise app.UsageError(f"Unknown --variants {unknown}; expected some of {list(VARIANTS)}.")
@@ -68,12 +68,10 @@ def main(argv):
     lines.append(f"| {variant} | {' '.join(run['overrides'])} | {run['wall_s']:.0f} | "
                  f"{run['wall_s'] / base:.2f} | {run['train_s']:.0f} |")
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-  with open(os.path.join(_OUTPUT_DIR.value, "whole_run.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(_OUTPUT_DIR.value, "whole_run.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  report.write_text_atomic(os.path.join(_OUTPUT_DIR.value, "whole_run.md"), "\n".join(lines) + "\n")
+  report.write_json_atomic(os.path.join(_OUTPUT_DIR.value, "whole_run.json"), results)
   print("\n".join(lines))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -142,7 +142,8 @@ def with_overrides(config: ml_collections.ConfigDict,
     node = config
     for section in sections:
       node = node.get(section) if isinstance(node, ml_collections.ConfigDict) else None
-    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+    if (not isinstance(node, ml_collections.ConfigDict) or key not in node
+        or isinstance(node[key], ml_collections.ConfigDict)):
       raise ValueError(f"unknown config field {name!r}.")
     if key == "bit_settings":
       value = tuple(map(tuple, value))

@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from absl import flags
 
 from qreg import checkpoint, evaluate, main
 from tests.conftest import assert_trees_bit_identical, latest_state
@@ -41,8 +43,14 @@ def test_command_line_trains_and_writes_results(idx_dir, tmp_path):
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["rows"])
   assert results["step"] == NUM_TRAIN // BATCH
   assert results["config"]["reg"]["lambda_w"] == 0.02
+  assert results["environment"]["process_count"] == 1
   assert "| 2 | 8 |" in (workdir / "results.md").read_text()
   assert "grad_l1_weights" in result.stderr  # penalty terms are logged
+
+
+def test_importing_main_defines_no_flags():
+  """So that experiments, with flags of their own (--config, --workdir), can import it."""
+  assert "qreg.main" not in flags.FLAGS.flags_by_module_dict()
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference_run, reference_copy,
@@ -84,3 +92,21 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference_run,
 def test_evaluate_without_checkpoint_says_so(idx_dir, tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="No checkpoint"):
     evaluate.evaluate_workdir(tiny_config(idx_dir), str(tmp_path / "empty"))
+
+
+def test_load_run_gives_the_config_newest_checkpoint_and_model(reference_run):
+  config, workdir, _ = reference_run
+  run = checkpoint.load_run(workdir)
+  step, state = latest_state(workdir)
+  assert run.step == step
+  assert run.config.to_dict() == checkpoint.read_run_config(workdir).to_dict()
+  assert run.config.reg.lambda_w == config.reg.lambda_w
+  assert_trees_bit_identical(run.variables, {"params": state["params"],
+                                             "batch_stats": state["batch_stats"]})
+  logits = run.model.apply(run.variables, np.zeros((2, 28, 28, 1), np.float32), train=False)
+  assert logits.shape == (2, 10)
+
+  other = config.copy_and_resolve_references()
+  other.model.width = 2.0
+  with pytest.raises(ValueError, match=r"model.width=2.0 here but 1.0 there"):
+    checkpoint.load_run(workdir, other)
