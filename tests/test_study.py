@@ -1,0 +1,92 @@
+"""experiments.study end to end on a tiny fabricated network: tune on the validation split, the
+tuned table on the test set, both protocols' tables; resumed, it redoes nothing but what is
+unfinished."""
+import json
+import os
+
+import pytest
+
+from experiments import run_sweep, study
+
+TUNING = '''
+from tests.fakes import tiny_config
+IDX = {idx!r}
+CRITERION_SETTINGS = ((4, 4),)
+MAX_FLOAT_DROP = 100.0
+def get_config(arg=None):
+  config = tiny_config(IDX)
+  config.data.validation_size = 16
+  config.eval.split = "validation"
+  config.quant.bit_settings = [(None, None), (4, 4)]
+  return config
+def sweep(arg=None):
+  no_penalty = {{"reg.lambda_w": 0.0, "reg.lambda_a": 0.0}}
+  return [{{"name": "no-reg", "labels": {{"method": "no-reg", "seed": 0}}, "overrides": no_penalty}}] + [
+      {{"name": f"l1/{{i}}", "labels": {{"method": "l1", "value": i, "seed": 0}},
+       "overrides": {{"reg.lambda_a": a, "reg.lambda_w": a / 10}}, "warm_start": "no-reg"}}
+      for i, a in enumerate((0.001, 0.01))]
+'''
+TUNED = '''
+import importlib.util, os
+spec = importlib.util.spec_from_file_location("tuning", os.path.join(os.path.dirname(__file__), "tuning.py"))
+tuning = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tuning)
+SEEDS = (0, 1)
+def get_config(arg=None):
+  config = tuning.get_config(arg)
+  config.eval.split = "test"
+  return config
+def sweep(arg=None, *, choices):
+  chosen = {{"no-reg": {{"reg.lambda_w": 0.0, "reg.lambda_a": 0.0}}, **choices}}
+  return [{{"name": f"{{m}}/seed{{s}}", "labels": {{"method": m, "seed": s}},
+           "overrides": {{**o, "seed": s}}, "warm_start": None if m == "no-reg" else f"no-reg/seed{{s}}"}}
+          for s in SEEDS for m, o in chosen.items()]
+'''
+
+
+@pytest.fixture
+def tiny_study(idx_dir, tmp_path, monkeypatch):
+  """A network `tiny` whose tuning and tuned sweeps train tiny_config; results in tmp_path."""
+  tables = tmp_path / "tables"
+  tables.mkdir()
+  (tables / "tuning.py").write_text(TUNING.format(idx=idx_dir))
+  (tables / "tuned.py").write_text(TUNED.format())
+  monkeypatch.setattr(study, "TABLES", str(tables))
+  monkeypatch.setattr(study, "RESULTS", str(tmp_path / "results"))
+  monkeypatch.setattr(study, "NETWORKS", {"tiny": study.Network("tiny/tuning", "tiny")})
+  return tmp_path / "workdirs", tmp_path / "results"
+
+
+def test_network_table_study_end_to_end_and_resumed(tiny_study):
+  workdir, results = tiny_study
+  study.run_study("network_table", str(workdir), "tiny")
+
+  choices = json.loads((results / "tiny" / "tuning" / "choices.json").read_text())
+  assert list(choices["methods"]) == ["l1"]
+  # The tuned sweep ran the choice, handed over by the study: each seed's l1 run has its lambdas.
+  chosen = choices["methods"]["l1"]["overrides"]
+  for seed in (0, 1):
+    run = json.loads((workdir / "tiny" / "tuned" / "l1" / f"seed{seed}" / "run.json").read_text())
+    assert run["overrides"] == {**chosen, "seed": seed}
+    config = json.loads((workdir / "tiny" / "tuned" / "l1" / f"seed{seed}" / "config.json").read_text())
+    assert config["eval"]["split"] == "test"
+    assert (config["reg"]["lambda_a"], config["seed"]) == (chosen["reg.lambda_a"], seed)
+  for protocol in ("paper", "strong"):
+    per_seed = json.loads((results / "tiny" / protocol / "per_seed.json").read_text())
+    assert {m: [r["seed"] for r in runs] for m, runs in per_seed.items()} == {
+        "no-reg": [0, 1], "l1": [0, 1]}
+    assert (results / "tiny" / protocol / "gains.md").exists()
+  strong = json.loads((workdir / "tiny" / "tuned" / "l1" / "seed1" / "results_strong.json").read_text())
+  assert strong["config"]["quant"]["per_channel"] and strong["config"]["quant"]["bias_correction"]
+
+  # Resumed: finished runs and re-sweeps are kept; a results.json cut short while being written
+  # is run again (its sweep only), and the tables come back the same.
+  runs = sorted((workdir / "tiny").glob("*/**/results*.json"))
+  mtimes = {path: os.path.getmtime(path) for path in runs}
+  tables = {p: (results / "tiny" / p / "table.md").read_text() for p in ("paper", "strong")}
+  cut = workdir / "tiny" / "tuned" / "no-reg" / "seed1" / "results.json"
+  cut.write_text(cut.read_text()[:200])
+  study.run_study("network_table", str(workdir), "tiny")
+  assert run_sweep.is_finished(str(cut.parent))
+  assert {path for path in runs if os.path.getmtime(path) != mtimes[path]} == {cut}
+  assert {p: (results / "tiny" / p / "table.md").read_text() for p in tables} == tables
