@@ -1,5 +1,8 @@
 """A run's workdir: its orbax checkpoints, its config.json, and the lock of the process training it.
 
+load_run loads a trained workdir (config, variables, model) for evaluation and export;
+Preempted is how training stops on SIGTERM/SIGINT once its checkpoint is saved.
+
     workdir/checkpoints/<step>   orbax checkpoints (TrainState: step, params, batch_stats, opt_state)
     workdir/config.json          the config the checkpoints were written with
     workdir/lock                 pid and host of the process training in it

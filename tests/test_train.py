@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from qreg import checkpoint, evaluate, main
+from qreg import checkpoint, evaluate, main, train
 from tests.conftest import assert_trees_bit_identical, latest_state
 from tests.fakes import BATCH, BIT_SETTINGS, NUM_TEST, NUM_TRAIN, tiny_config, write_file
 
@@ -110,3 +110,14 @@ def test_load_run_gives_the_config_newest_checkpoint_and_model(reference_run):
   other.model.width = 2.0
   with pytest.raises(ValueError, match=r"model.width=2.0 here but 1.0 there"):
     checkpoint.load_run(workdir, other)
+
+
+def test_train_returns_the_final_state_and_writes_no_results(reference_run, reference_copy):
+  config, _, _ = reference_run
+  os.remove(os.path.join(reference_copy, "results.json"))
+  state = train.train(config, reference_copy)  # resumes at the last step: nothing left to train
+  step, stored = latest_state(reference_copy)
+  assert int(state.step) == step
+  assert_trees_bit_identical({"params": state.params, "batch_stats": state.batch_stats},
+                             {"params": stored["params"], "batch_stats": stored["batch_stats"]})
+  assert not os.path.exists(os.path.join(reference_copy, "results.json"))
