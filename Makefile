@@ -35,7 +35,7 @@ test: setup
 	-@$(MAKE) --no-print-directory data
 	$(PY) -m pytest -q tests
 
-# Step cost of each reg.impl relative to a plain step (README "Cost of the regularizer");
+# Step cost of each reg.impl relative to a plain step (docs/cost.md);
 # e.g. make benchmark BENCHMARK_FLAGS="--models=vgg_like,resnet18 --batch_sizes=32 --steps=10".
 BENCHMARK_FLAGS ?=
 benchmark: setup

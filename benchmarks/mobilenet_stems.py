@@ -1,5 +1,5 @@
 """What MobileNetV2 costs on 28x28 inputs per stem and width, against the VGG-like row of the
-CPU-scale Table 1 (README, "Table 1": why configs/fashion_mnist_mobilenetv2.py is sized so).
+CPU-scale Table 1 (why configs/fashion_mnist_mobilenetv2.py is sized so).
 
     python -m benchmarks.mobilenet_stems --steps=5 --output_dir=benchmarks/results/table1_networks_cpu
 

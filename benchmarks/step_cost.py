@@ -44,7 +44,7 @@ BENCHMARKS = {
     "vgg_like": (cifar10_vgg, (32, 32, 3)),
     "resnet18": (cifar10_resnet18, (32, 32, 3)),
     "mobilenetv2": (cifar10_mobilenetv2, (32, 32, 3)),
-    # The CPU-scale Table 1 networks (README, "Table 1").
+    # The CPU-scale Table 1 networks (experiments/results/README.md).
     "vgg_like_fmnist": (fashion_mnist_vgg, (28, 28, 1)),
     "resnet18_fmnist": (fashion_mnist_resnet18, (28, 28, 1)),
     "mobilenetv2_fmnist": (fashion_mnist_mobilenetv2, (28, 28, 1)),

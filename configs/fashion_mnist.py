@@ -17,7 +17,7 @@ def get_config():
   config.model.name = "small_cnn"
   config.train.num_epochs = 4
   # Chosen on the validation split among 4 values with lambda_w = lambda_a / 10
-  # (experiments/results/fashion_mnist_tuning, configs/tables/fashion_mnist_tuning.py). An
+  # (experiments/results/fashion_mnist_tuning, configs/tables/tuning.py). An
   # earlier search had picked the same pair on the test set (experiments/results/lambda_search).
   config.reg.lambda_w = 0.001
   config.reg.lambda_a = 0.01

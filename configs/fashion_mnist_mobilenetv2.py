@@ -9,13 +9,13 @@ model.stem = 'stride16' (stride-2 stem conv, the 24-channel stage at stride 1: 2
 end in 2x2 maps), and the offline default's data, optimizer, schedule and epochs (3 plain,
 the regularizer in the last), as the VGG-like and ResNet-18 rows.
 
-Why this size (README, "Table 1"; python -m benchmarks.mobilenet_stems): a bare batch-128 step,
+Why this size (benchmarks/results/table1_networks_cpu/mobilenet_stems.md, from python -m
+benchmarks.mobilenet_stems): a bare batch-128 step,
 as a multiple of VGG-like's at width 1/8 in one process on the 2-core development CPU: cifar
 stem (stride 8) at width 0.25 5.8x, stride-16 stem at 0.25 1.9x, at 0.35 2.1x, at 0.5 2.9x, the
 ImageNet stem (stride 32) at 0.5 1.05x. The ImageNet stem is the cheapest but ends in 1x1 maps
-two stages early, where the depthwise kernels see only padding off their centre tap; the cifar
-stem's table would take about 17 hours. The stride-16 stem at 0.35 is the cheapest clean
-choice: about twice the VGG-like row's 3 hours.
+two stages early, where the depthwise kernels see only padding off their centre tap. The
+stride-16 stem at 0.35 is the cheapest clean choice.
 """
 from configs import fashion_mnist
 

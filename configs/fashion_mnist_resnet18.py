@@ -5,8 +5,8 @@
 Same depth and structure as configs/cifar10_resnet18.py (CIFAR stem, four stages of two basic
 blocks, 64-128-256-512 channels at width 1.0), at model.width = 0.125 (8-16-32-64 channels),
 and the offline default's data, schedule and epochs (3 plain, the regularizer in the last).
-A plain step (batch 128, 28x28) takes about 155 ms on the 2-core development CPU, as VGG-like
-at the same width, so its tuned table also takes about 3 hours there. The lambdas are the small
+A plain step (batch 128, 28x28) costs about what VGG-like's does at the same width on the 2-core
+development CPU (benchmarks/results/table1_networks_cpu/step_cost.md). The lambdas are the small
 CNN's; the table uses its own validation-chosen ones.
 """
 from configs import fashion_mnist

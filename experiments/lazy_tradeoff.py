@@ -1,4 +1,4 @@
-"""Accuracy against cost of the cheaper penalty schedules (README, "Cost of the regularizer").
+"""Accuracy against cost of the cheaper penalty schedules (docs/cost.md).
 
     python -m experiments.lazy_tradeoff --results=experiments/results/fashion_mnist_lazy \
         --step_cost=benchmarks/results/step_cost.json --model=small_cnn --batch_size=128

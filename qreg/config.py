@@ -69,10 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   # How the penalty's gradient is computed: 'hvp' (exact, forward-over-reverse),
   # 'nested' (exact, double backprop, the slow reference) or 'finite_difference'
   # (two gradient evaluations; fd_step = largest displacement of a weight or
-  # activation, see qreg.objectives.FD_STEP). README "Cost of the regularizer".
+  # activation, see qreg.objectives.FD_STEP). docs/cost.md.
   config.reg.impl = "hvp"
   config.reg.fd_step = 1e-3
-  # Cheaper schedules (README, "Cost of the regularizer"): the penalty on one step in
+  # Cheaper schedules (docs/cost.md): the penalty on one step in
   # every_k_steps with its lambdas times k (the same average weight), plain steps between;
   # and on the first penalty_batch_fraction of each device's batch (the task loss on all of it).
   config.reg.every_k_steps = 1
@@ -106,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.quant.num_calibration_batches = 10
   # When set, also report accuracy with one layer at a time quantized to this many bits.
   config.quant.sensitivity_bits = ml_collections.FieldReference(None, field_type=int)
-  # The strong protocol's steps (README, "Protocols"; configs/tables/protocols.py names the
+  # The strong protocol's steps (docs/quantization.md, "Protocols"; configs/tables/protocols.py names the
   # presets): the first and last kernel (in call order) at these bits, empirical bias
   # correction on the calibration batches, AdaRound (Nagel et al. 2020) per layer.
   config.quant.first_last_bits = ml_collections.FieldReference(None, field_type=int)

@@ -8,7 +8,7 @@ asymmetric scheme); biases stay float32. With --act_bits it also stores the
 range, scale and zero point of every quantized activation, calibrated on the
 run's training batches, so that the file alone runs the quantized model.
 Scheme, granularity, per-layer rules and calibration come from the run's
-config (workdir/config.json). README, "The export file", specifies the format.
+config (workdir/config.json). docs/export.md specifies the format.
 
     python -m qreg.evaluate --workdir=<dir> --export=<file>
 

@@ -1,5 +1,5 @@
 """The integer export file: b-bit weight codes packed into bytes, their scales, and the
-calibrated range of every quantized activation. README, "The export file", specifies it.
+calibrated range of every quantized activation. docs/export.md specifies it.
 
 An uncompressed .npz (numpy's zip of .npy arrays) with one entry per array and an
 `index.json` entry (UTF-8 JSON bytes as uint8) describing them.

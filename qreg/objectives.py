@@ -45,8 +45,8 @@ ApplyFn = Callable[..., Any]
 # the step (noise ~ 1 / sqrt(step)). experiments/fd_step_error.py measures it:
 # on SmallCNN after 60 steps on Fashion-MNIST (float32) it is smallest near
 # 1e-3 for the weight term and for both terms together (3e-3..1e-2 for the
-# activation term alone), and even there it is 60-70% of the penalty's
-# gradient (cosine 0.7-0.8): README, "Cost of the regularizer".
+# activation term alone), and even there its error is a large part of the penalty's
+# gradient (docs/cost.md).
 FD_STEP = 1e-3
 
 

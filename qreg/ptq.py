@@ -41,7 +41,7 @@ class QuantSetup:
   calibration: str = "minmax"
   percentile: float = 99.99
   num_calibration_batches: int = 10
-  # The strong protocol's steps (README, "Protocols"): bits of the first and last kernel
+  # The strong protocol's steps (docs/quantization.md, "Protocols"): bits of the first and last kernel
   # (in call order), empirical bias correction, AdaRound.
   first_last_bits: int | None = None
   bias_correction: bool = False

@@ -247,7 +247,7 @@ def _window_means(window: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 
 # The cost of a regularized step in plain steps, for the ETA until one has been timed
-# (README, "Cost of the regularizer": 1.6x-2.9x with hvp).
+# (docs/cost.md measures it).
 REGULARIZED_STEP_COST_GUESS = 2.0
 
 

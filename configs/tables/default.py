@@ -1,4 +1,4 @@
-"""The offline default run and its unregularized twin, seed 0: README's default-run table.
+"""The offline default run and its unregularized twin, seed 0: README's default-run table (experiments/results/default_comparison).
 
     python -m experiments.study default_comparison
 

@@ -1,4 +1,4 @@
-"""Post-training quantization protocols as config overrides (README, "Protocols").
+"""Post-training quantization protocols as config overrides (docs/quantization.md, "Protocols").
 
 - paper: the paper's setting and qreg's default: symmetric per-tensor weights,
   min-max activation ranges, every layer at the sweep's bits.

@@ -1,6 +1,6 @@
 """Flax Linen models, built from a config by `build_model`; `register_model` adds your own.
 
-A model qreg can train, fold, sweep and export (README, "Add your own model"):
+A model qreg can train, fold, sweep and export (docs/models.md):
 - its __call__(x, train: bool) returns logits;
 - it has the fields act_bits, act_scheme, act_straight_through and folded,
   which qreg sets with `model.clone(...)` for the sweep and for QAT;
