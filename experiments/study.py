@@ -31,7 +31,7 @@ from absl import flags, logging
 
 from configs.tables import tuned
 from experiments import make_tables, reevaluate, run_sweep, table1, tune
-from qreg import cli, evaluate, export, report
+from qreg import checkpoint, cli, evaluate, export, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLES = os.path.join(REPO, "configs", "tables")
@@ -161,15 +161,6 @@ def lazy_parity(workdir: str, net: str) -> None:
   print(make_tables.make_tables(os.path.join(root, "lazy"), out), flush=True)
 
 
-def _write_comparison(all_results, labels, out: str) -> None:
-  table = report.comparison_table(all_results, labels)
-  quantization = "\n".join(f"- {l}: {r.get('quantization', '')}"
-                           for l, r in zip(labels, all_results))
-  report.write_text_atomic(os.path.join(out, "comparison.md"), f"{table}\n{quantization}\n")
-  report.plot_accuracy(all_results, labels, os.path.join(out, "comparison.png"))
-  print(table, flush=True)
-
-
 def default_comparison(workdir: str, net: str) -> None:
   del net
   root, out = default_runs(workdir), os.path.join(RESULTS, "default_comparison")
@@ -189,7 +180,7 @@ def default_comparison(workdir: str, net: str) -> None:
       labels.append(f"{label} {'per-channel' if per_channel else 'per-tensor'}")
       report.write_json_atomic(os.path.join(out, f"{name}.json"), results[-1])
       report.plot_accuracy([results[-1]], [name], os.path.join(out, f"{name}.png"))
-  _write_comparison(results, labels, out)
+  print(report.write_comparison(results, labels, out), flush=True)
   l1 = os.path.join(root, "l1")
   lines = ["| file | bytes | ratio to float32 folded params |", "|---|---|---|"]
   for bits in (8, 6, 4):
@@ -198,7 +189,7 @@ def default_comparison(workdir: str, net: str) -> None:
     lines.append(f"| {bits}-bit export (.npz) | {sizes['export_bytes']:,} | "
                  f"{sizes['export_bytes'] / sizes['float_params_bytes']:.3f} "
                  f"(ideal {bits}/32 = {bits / 32:.3f}) |")
-    evaluate.evaluate_export(None, l1, path)
+    evaluate.evaluate_export(checkpoint.read_run_config(l1), l1, path)
     shutil.copy(os.path.join(l1, f"export_w{bits}_results.md"), out)
   last = max(int(step) for step in os.listdir(os.path.join(l1, "checkpoints")) if step.isdigit())
   checkpoint_dir = os.path.join(l1, "checkpoints", str(last))
@@ -214,8 +205,8 @@ def lambda_search(workdir: str, net: str) -> None:
   root = os.path.join(workdir, "small_cnn", "lambda_search")
   sweep = run_sweep.run_sweep(_table("lambda_search"), root)
   names = [run["name"] for run in sweep.runs]
-  _write_comparison([report.load_results(os.path.join(root, n)) for n in names], names,
-                    os.path.join(RESULTS, "lambda_search"))
+  print(report.compare([os.path.join(root, name) for name in names], names,
+                       os.path.join(RESULTS, "lambda_search")), flush=True)
 
 
 def ablations(workdir: str, net: str) -> None:

@@ -228,7 +228,11 @@ def compare(workdirs: Sequence[str], labels: Sequence[str], out_dir: str) -> str
   """Writes out_dir/comparison.{md,png} for several workdirs; returns the table."""
   if len(labels) != len(workdirs):
     raise ValueError(f"{len(labels)} labels for {len(workdirs)} workdirs.")
-  all_results = [load_results(w) for w in workdirs]
+  return write_comparison([load_results(w) for w in workdirs], labels, out_dir)
+
+
+def write_comparison(all_results: Sequence[Results], labels: Sequence[str], out_dir: str) -> str:
+  """Writes out_dir/comparison.{md,png}: one column / one colour per run; returns the table."""
   os.makedirs(out_dir, exist_ok=True)
   table = comparison_table(all_results, labels)
   quantization = "\n".join(f"- {l}: {r.get('quantization', '')}" for l, r in zip(labels, all_results))

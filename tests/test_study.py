@@ -44,6 +44,16 @@ def sweep(arg=None, *, choices):
 '''
 
 
+DEFAULT = '''
+from tests.fakes import tiny_config
+def get_config(arg=None):
+  return tiny_config({idx!r})
+def sweep(arg=None):
+  return [{{"name": "l1", "overrides": {{}}}},
+          {{"name": "no_reg", "overrides": {{"reg.lambda_w": 0.0, "reg.lambda_a": 0.0}}}}]
+'''
+
+
 @pytest.fixture
 def tiny_study(idx_dir, tmp_path, monkeypatch):
   """A network `tiny` whose tuning and tuned sweeps train tiny_config; results in tmp_path."""
@@ -51,6 +61,7 @@ def tiny_study(idx_dir, tmp_path, monkeypatch):
   tables.mkdir()
   (tables / "tuning.py").write_text(TUNING.format(idx=idx_dir))
   (tables / "tuned.py").write_text(TUNED.format())
+  (tables / "default.py").write_text(DEFAULT.format(idx=idx_dir))
   monkeypatch.setattr(study, "TABLES", str(tables))
   monkeypatch.setattr(study, "RESULTS", str(tmp_path / "results"))
   monkeypatch.setattr(study, "NETWORKS", {"tiny": study.Network("tiny/tuning", "tiny")})
@@ -90,3 +101,28 @@ def test_network_table_study_end_to_end_and_resumed(tiny_study):
   assert run_sweep.is_finished(str(cut.parent))
   assert {path for path in runs if os.path.getmtime(path) != mtimes[path]} == {cut}
   assert {p: (results / "tiny" / p / "table.md").read_text() for p in tables} == tables
+
+
+def test_default_comparison_study(tiny_study):
+  """The default run and its no-reg twin per-tensor and per-channel, and the l1 run's exports,
+  each export evaluated at the sweep's accuracy."""
+  workdir, results = tiny_study
+  study.run_study("default_comparison", str(workdir))
+  out = results / "default_comparison"
+  comparison = (out / "comparison.md").read_text()
+  assert comparison.startswith("| weight bits | activation bits | no-reg per-tensor (%) | "
+                               "l1 per-tensor (%) | no-reg per-channel (%) | l1 per-channel (%) |")
+  per_tensor = json.loads((out / "l1.json").read_text())["rows"]
+  per_channel = json.loads((out / "l1_per_channel.json").read_text())
+  assert per_channel["config"]["quant"]["per_channel"]
+  assert [r["accuracy"] for r in per_channel["rows"]][0] == per_tensor[0]["accuracy"]  # float
+  sizes = (out / "export_sizes.md").read_text()
+  for bits in (8, 6, 4):
+    assert f"| {bits}-bit export (.npz) |" in sizes
+  # The 4-bit file, evaluated, gives the sweep's accuracy at (4,4) exactly.
+  exported = json.loads((workdir / "small_cnn" / "default" / "l1" / "export_w4_results.json")
+                        .read_text())["rows"]
+  assert [(r["weight_bits"], r["act_bits"]) for r in exported] == [(4, 4)]
+  assert exported[0]["accuracy"] == next(r["accuracy"] for r in per_tensor
+                                         if (r["weight_bits"], r["act_bits"]) == (4, 4))
+  assert (out / "export_w4_results.md").exists()
