@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from qreg import main, models, objectives, parallel, train
+from qreg import main, models, objectives, parallel, ptq, train
 from qreg.models import SmallCNN
 from tests.conftest import assert_trees_bit_identical, latest_state
 from tests.fakes import tiny_config
@@ -193,12 +193,34 @@ def test_bfloat16_penalty_gradient_is_as_close_to_float32_as_the_task_gradient()
   assert cosine >= 0.99 and penalty_error <= 2 * task_error, (cosine, penalty_error, task_error)
 
 
-def test_bfloat16_run_keeps_float32_state_and_sweeps_in_float32(idx_dir, tmp_path):
+def _layer_dtypes(model, variables, image_shape):
+  """The dtypes of every layer's output in the model's eval-mode forward pass (shapes only)."""
+  _, state = jax.eval_shape(lambda: model.apply(
+      variables, jnp.zeros((1, *image_shape)), train=False, capture_intermediates=True,
+      mutable=["intermediates"]))
+  return {leaf.dtype for leaf in jax.tree.leaves(state["intermediates"])}
+
+
+def test_bfloat16_run_keeps_float32_state_and_sweeps_in_float32(idx_dir, tmp_path, monkeypatch):
   config = tiny_config(idx_dir)
   config.model.dtype = "bfloat16"
   config.quant.bit_settings = [(None, None)]
+  swept_models = []
+  sweep = ptq.sweep
+
+  def recording_sweep(config, setup, model, *args):
+    swept_models.append(model)
+    return sweep(config, setup, model, *args)
+
+  monkeypatch.setattr(ptq, "sweep", recording_sweep)
   results = main.train_and_evaluate(config, str(tmp_path / "run"))
   _, state = latest_state(str(tmp_path / "run"))
   assert {leaf.dtype for leaf in jax.tree.leaves(state)} <= {np.dtype("float32"),
                                                               np.dtype("int32")}
   assert 0.0 <= results["rows"][0]["accuracy"] <= 1.0
+  # The model the sweep measured computes every layer in float32; training's, in bfloat16.
+  [model] = swept_models
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  assert _layer_dtypes(model, variables, (28, 28, 1)) == {jnp.dtype("float32")}
+  assert jnp.dtype("bfloat16") in _layer_dtypes(models.with_compute_dtype(model, "bfloat16"),
+                                                variables, (28, 28, 1))
