@@ -16,28 +16,7 @@ from qreg import main, models, objectives, parallel, ptq, train
 from qreg.models import SmallCNN
 from tests.conftest import assert_trees_bit_identical, latest_state
 from tests.fakes import tiny_config
-from tests.test_objectives import MODEL, SmoothMLP, _flat, _problem
-
-
-def _penalty_on(params, stats, batch, penalty):
-  """lambda_w sum|dL_b/dW| + lambda_a sum|dL_b/da| on batch b, by double backprop written here."""
-  images = batch["image"]
-  _, shapes = jax.eval_shape(lambda: MODEL.apply(
-      {"params": params, "batch_stats": stats}, images, train=True,
-      mutable=["batch_stats", "perturbations"]))
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
-
-  def loss(params, perturbations):
-    logits, _ = MODEL.apply({"params": params, "batch_stats": stats,
-                             "perturbations": perturbations}, images, train=True,
-                            mutable=["batch_stats"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-  grad_w, grad_a = jax.grad(loss, argnums=(0, 1))(params, zeros)
-  weights = sum(jnp.sum(jnp.abs(g)) for path, g in jax.tree_util.tree_leaves_with_path(grad_w)
-                if path[-1].key == "kernel")
-  activations = sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(grad_a))
-  return penalty.lambda_w * weights + penalty.lambda_a * activations
+from tests.test_objectives import MODEL, SmoothMLP, _flat, _problem, explicit_penalty
 
 
 @pytest.mark.parametrize("impl", ["nested", "hvp"])
@@ -47,12 +26,12 @@ def test_sub_batch_gradient_is_task_on_batch_plus_penalty_on_sub_batch(impl):
     sub = {k: v[:2] for k, v in batch.items()}
     penalty = objectives.Penalty(0.3, 0.4, impl)
     task = lambda p: objectives.task_loss(p, None, stats, batch, MODEL.apply)[0]
-    expected = jax.grad(lambda p: task(p) + _penalty_on(p, stats, sub, penalty))(params)
+    expected = jax.grad(lambda p: task(p) + explicit_penalty(p, stats, sub, penalty))(params)
     (total, (new_stats, _, terms)), grads = objectives.penalized_value_and_grad(
         params, stats, batch, MODEL.apply, penalty, penalty_batch=sub)
     chex.assert_trees_all_close(grads, expected, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(total, task(params) + _penalty_on(params, stats, sub, penalty),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        total, task(params) + explicit_penalty(params, stats, sub, penalty), rtol=1e-12)
     np.testing.assert_allclose(terms["task_loss"], task(params), rtol=1e-12)
     # Running BatchNorm statistics come from the whole batch, as in the plain step.
     (_, (plain_stats, _, _)), _ = objectives.plain_value_and_grad(params, stats, batch,

@@ -70,7 +70,8 @@ def test_bias_correction_removes_every_layers_mean_output_shift(folded_and_evalu
 
 def test_adaround_reconstructs_each_layer_better_than_nearest_rounding(folded_and_evaluator):
   """Each layer, on its inputs in the model quantized so far: AdaRound's output error is at most
-  nearest rounding's, and below it somewhere; its codes are floor or ceil of w/s, not all nearest."""
+  nearest rounding's, and below it somewhere; its codes are floor or ceil of w/s, not all
+  nearest."""
   folded, evaluator = folded_and_evaluator
   nearest, _ = evaluator(per_channel=True).quantized_weights(folded, 3)
   ev = evaluator(adaround=True, adaround_iterations=200, adaround_examples=32, per_channel=True)
