@@ -22,12 +22,33 @@ def checkpoint_steps(workdir):
   return ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
 
 
-class Training:
-  """`python -m qreg.main` on tests/fakes.py's tiny config, with its log read line by line."""
+# `python -m qreg.main`, except that the process stops itself (SIGSTOP) once it has logged the
+# train metrics of step argv[1]: the test acts on a run paused at a known step, so no signal
+# races the steps and checkpoints that follow, however loaded the machine.
+PAUSING_MAIN = """
+import os, runpy, signal, sys
+from qreg import metrics
+pause_after = int(sys.argv.pop(1))
+write_scalars = metrics.MetricWriter.write_scalars
 
-  def __init__(self, idx_dir, workdir):
+def write_then_pause(self, step, scalars):
+  write_scalars(self, step, scalars)
+  if step == pause_after and any(name.startswith("train/") for name in scalars):
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+metrics.MetricWriter.write_scalars = write_then_pause
+runpy.run_module("qreg.main", run_name="__main__", alter_sys=True)
+"""
+
+
+class Training:
+  """`python -m qreg.main` on tests/fakes.py's tiny config, with its log read line by line;
+  paused after step `pause_after` when given."""
+
+  def __init__(self, idx_dir, workdir, pause_after=None):
+    command = ["-m", "qreg.main"] if pause_after is None else ["-c", PAUSING_MAIN, str(pause_after)]
     self.process = subprocess.Popen(
-        [sys.executable, "-m", "qreg.main", f"--config=tests/fakes.py:{idx_dir}",
+        [sys.executable, *command, f"--config=tests/fakes.py:{idx_dir}",
          f"--workdir={workdir}", "--config.train.log_every_steps=1",
          f"--config.train.checkpoint_every_steps={CHECKPOINT_EVERY}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -43,6 +64,12 @@ class Training:
       if re.search(rf"\] \[{step}\] train/", line):
         return
     raise AssertionError(f"Exited before step {step}:\n{self.log()}")
+
+  def wait_until_paused(self, step):
+    """Waits until the run has stopped itself after `step` (pause_after=step)."""
+    self.wait_for_step(step)
+    _, status = os.waitpid(self.process.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), f"Not paused after step {step}:\n{self.log()}"
 
   def finish(self):
     """Waits for the exit; returns the exit status."""
@@ -68,15 +95,14 @@ def test_signals_hard_kill_and_a_second_process_then_resume_end_bit_identical(
     idx_dir, reference_run, tmp_path):
   _, reference_workdir, reference_results = reference_run
   workdir = str(tmp_path / "run")
-  rng = random.Random()
+  rng = random.Random(21)
 
   # SIGTERM at a random step of the first epoch: a checkpoint at the step reached, status 143.
   sigterm_step = rng.randint(1, STEPS_PER_EPOCH - 3)
-  run = Training(idx_dir, workdir)
-  run.wait_for_step(sigterm_step)
+  run = Training(idx_dir, workdir, pause_after=sigterm_step)
+  run.wait_until_paused(sigterm_step)
   # Meanwhile (the run paused mid-training, so that it cannot finish first) a second process
   # on the same workdir stops at once, saying who holds it.
-  run.process.send_signal(signal.SIGSTOP)
   second = subprocess.run(
       [sys.executable, "-m", "qreg.main", f"--config=tests/fakes.py:{idx_dir}",
        f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -86,27 +112,29 @@ def test_signals_hard_kill_and_a_second_process_then_resume_end_bit_identical(
   run.process.send_signal(signal.SIGCONT)
   assert run.finish() == 143, run.log()
   saved_step = stopped_by("SIGTERM", run)
-  assert sigterm_step <= saved_step < TOTAL_STEPS
+  assert sigterm_step <= saved_step <= sigterm_step + 1  # at most the step it resumed in
   assert "Traceback" not in run.log()
   assert max(checkpoint_steps(workdir)) == saved_step, (sigterm_step, run.log())
 
   # Resumed, then Ctrl-C (SIGINT): the same, with status 130.
-  run = Training(idx_dir, workdir)
   sigint_step = rng.randint(saved_step + 1, STEPS_PER_EPOCH)
-  run.wait_for_step(sigint_step)
+  run = Training(idx_dir, workdir, pause_after=sigint_step)
+  run.wait_until_paused(sigint_step)
   run.process.send_signal(signal.SIGINT)
+  run.process.send_signal(signal.SIGCONT)
   assert run.finish() == 130, run.log()
   assert f"Resumed from {workdir}/checkpoints at step {saved_step}." in run.log()
   saved_step = stopped_by("SIGINT", run)
-  assert sigint_step <= saved_step < TOTAL_STEPS and "Traceback" not in run.log()
+  assert sigint_step <= saved_step <= sigint_step + 1 and "Traceback" not in run.log()
   assert max(checkpoint_steps(workdir)) == saved_step, (sigint_step, run.log())
 
   # Resumed, then SIGKILLed just after a step that follows a checkpoint (4k + 1), in the
-  # regularized epoch: the steps since that checkpoint are lost.
+  # regularized epoch: the steps since that checkpoint are lost. Paused there, it cannot have
+  # written the next checkpoint.
   kill_step = rng.choice([s for s in range(saved_step + 1, TOTAL_STEPS)
-                          if s % CHECKPOINT_EVERY == 1 and s > STEPS_PER_EPOCH] or [TOTAL_STEPS - 3])
-  run = Training(idx_dir, workdir)
-  run.wait_for_step(kill_step)
+                          if s % CHECKPOINT_EVERY == 1 and s > STEPS_PER_EPOCH])
+  run = Training(idx_dir, workdir, pause_after=kill_step)
+  run.wait_until_paused(kill_step)
   run.process.kill()
   assert run.finish() == -signal.SIGKILL
   assert f"Resumed from {workdir}/checkpoints at step {saved_step}." in run.log()
