@@ -12,8 +12,10 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
-from qreg import checkpoint, main
+from qreg import checkpoint, cli, main
 from tests.fakes import fake_split, idx_bytes, tiny_config, write_file, write_idx_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +80,8 @@ def snapshot(directory) -> dict[str, str]:
                                                r"integer or 'float'"),
     ("quant.calibration", "kl", r"quant.calibration='kl': expected one of \('minmax', "
                                 r"'percentile', 'mse'\)"),
+    ("quant.weight_rules", ("conv9/.*=8",), r"quant.weight_rules \['conv9/\.\*=8'\] match no "
+                                            r"kernel"),
 ])
 def test_bad_config_value(idx_dir, reference_copy, field, value, message):
   config = tiny_config(idx_dir)
@@ -176,18 +180,11 @@ TINY = "--config=tests/fakes.py:{idx_dir}"
     ([TINY, "--config.optim.learnig_rate=0.1"],
      "error: --config.optim.learnig_rate=0.1: the config has no field 'learnig_rate'. Did you "
      "mean \"learning_rate\" instead of \"learnig_rate\"?"),
-    ([TINY, "--config.data.batch_size=eight"],
-     "error: flag --config.data.batch_size=eight: invalid literal for int() with base 10: 'eight'"),
-    (["--config=configs/fashion_mnsit.py"], "error: --config=configs/fashion_mnsit.py: no such file."),
-    ([TINY, "--num_processes=2"],
-     "error: --num_processes given without --coordinator_address, --process_id: pass all three, "
-     "or only --distributed where JAX finds the processes itself"),
     ([TINY, "--config.reg.lambda_w=-1"], "error: reg.lambda_w=-1.0 must be a finite number >= 0."),
-    ([TINY, "--config.quant.weight_rules=('conv9/.*=8',)"],
-     "error: quant.weight_rules ['conv9/.*=8'] match no kernel"),
 ])
 def test_command_line_mistakes(idx_dir, reference_copy, args, message):
-  """Each prints one line, `error: <what is wrong>`, no traceback, and exits with status 2."""
+  """End to end, a mistyped flag and a config value the run rejects: each prints one line,
+  `error: <what is wrong>`, no traceback, and exits with status 2."""
   before = snapshot(reference_copy)
   result = subprocess.run(
       [sys.executable, "-m", "qreg.main", f"--workdir={reference_copy}",
@@ -198,6 +195,34 @@ def test_command_line_mistakes(idx_dir, reference_copy, args, message):
   assert error.startswith(message), result.stderr[-3000:]
   assert "Traceback" not in result.stderr
   assert snapshot(reference_copy) == before
+
+
+@pytest.mark.parametrize("args,message", [
+    ([TINY, "--config.data.batch_size=eight"],
+     "error: flag --config.data.batch_size=eight: invalid literal for int() with base 10: 'eight'"),
+    (["--config=configs/fashion_mnsit.py"], "error: --config=configs/fashion_mnsit.py: no such file."),
+])
+def test_flag_mistakes(idx_dir, monkeypatch, capsys, args, message):
+  """cli's flag parsing, in this process on fresh flags (main's --config and --workdir; the
+  config flag reads its overrides from sys.argv)."""
+  argv = ["qreg.main", "--workdir=unused", *[arg.format(idx_dir=idx_dir) for arg in args]]
+  fresh = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fresh, lock_config=True)
+  flags.DEFINE_string("workdir", None, "", flag_values=fresh)
+  monkeypatch.setattr(flags, "FLAGS", fresh)
+  monkeypatch.setattr(sys, "argv", argv)
+  monkeypatch.chdir(REPO)
+  with pytest.raises(SystemExit) as exited:
+    cli._parse_flags(argv)
+  assert exited.value.code == 2
+  assert capsys.readouterr().err.startswith(message)
+
+
+def test_partial_distributed_flags():
+  with pytest.raises(ValueError, match=(
+      "--num_processes given without --coordinator_address, --process_id: pass all three, or "
+      "only --distributed where JAX finds the processes itself")):
+    main.initialize_distributed(False, None, 2, None)
 
 
 def test_verbose_shows_the_traceback(idx_dir, tmp_path):
