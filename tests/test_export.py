@@ -1,4 +1,5 @@
 """Integer export: bit packing, bit-identical round trips, file sizes, and evaluation from the file."""
+import copy
 import json
 import os
 
@@ -11,9 +12,9 @@ import zipfile
 
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qreg import evaluate, export, integer_file, main, ptq, quant, report
+from qreg import evaluate, export, integer_file, ptq, quant, report
 from qreg.models import BN_EPSILON, SmallCNN
-from tests.fakes import FASHION_MNIST_MEAN_STD, fake_split, tiny_config, write_idx_dir
+from tests.fakes import FASHION_MNIST_MEAN_STD, NUM_TEST, fake_split, write_idx_dir
 
 
 @pytest.mark.parametrize("bits", range(2, 17))
@@ -40,22 +41,24 @@ def _export_arrays(folded, bits, setup):
                                     quantization=setup.describe(), weight_bits=bits)
 
 
-def _folded_params():
+@pytest.fixture(scope="module")
+def folded():
   model = SmallCNN(widths=(8, 16, 16), hidden=32)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
   stats = jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])
   return quant.fold_batch_norm(variables["params"], stats, BN_EPSILON)
 
 
-@pytest.mark.parametrize("setup", [
-    ptq.QuantSetup(),
-    ptq.QuantSetup(per_channel=True),
-    ptq.QuantSetup(weight_scheme="asymmetric", per_channel=True),
-    ptq.QuantSetup(weight_rules=quant.parse_weight_rules(["conv1/.*=8", "head/.*=float"])),
-])
-@pytest.mark.parametrize("bits", [3, 4, 6, 8])
-def test_export_round_trip_is_bit_identical_to_fake_quantization(tmp_path, setup, bits):
-  folded = _folded_params()
+PER_TENSOR, PER_CHANNEL = ptq.QuantSetup(), ptq.QuantSetup(per_channel=True)
+ASYMMETRIC = ptq.QuantSetup(weight_scheme="asymmetric", per_channel=True)
+RULES = ptq.QuantSetup(weight_rules=quant.parse_weight_rules(["conv1/.*=8", "head/.*=float"]))
+
+
+# Each setup at two bit-widths, each bit-width (odd, a nibble, 6, a byte) under two setups.
+@pytest.mark.parametrize("setup,bits", [(PER_TENSOR, 3), (PER_TENSOR, 8), (PER_CHANNEL, 4),
+                                        (PER_CHANNEL, 6), (ASYMMETRIC, 3), (ASYMMETRIC, 8),
+                                        (RULES, 4), (RULES, 6)])
+def test_export_round_trip_is_bit_identical_to_fake_quantization(tmp_path, folded, setup, bits):
   path = str(tmp_path / "model.npz")
   integer_file.save(path, _export_arrays(folded, bits, setup))
   loaded, ranges, header = integer_file.load(path)
@@ -68,8 +71,7 @@ def test_export_round_trip_is_bit_identical_to_fake_quantization(tmp_path, setup
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8])
-def test_export_size_is_close_to_bits_over_32(tmp_path, bits):
-  folded = _folded_params()
+def test_export_size_is_close_to_bits_over_32(tmp_path, folded, bits):
   path = str(tmp_path / "model.npz")
   integer_file.save(path, _export_arrays(folded, bits, ptq.QuantSetup()))
   float_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(folded))
@@ -135,14 +137,9 @@ def numpy_small_cnn(weights, activations, images):
   return x @ weights["head/kernel"] + weights["head/bias"]
 
 
-def test_evaluating_the_file_gives_the_sweeps_accuracy(tmp_path):
-  idx_dir = tmp_path / "idx"
-  idx_dir.mkdir()
-  splits = write_idx_dir(idx_dir, 64, 20)
-  config = tiny_config(str(idx_dir))
-  config.train.num_epochs = 1
-  workdir = str(tmp_path / "run")
-  results = main.train_and_evaluate(config, workdir)
+def test_evaluating_the_file_gives_the_sweeps_accuracy(reference_run, reference_copy, tmp_path):
+  reference_config, _, results = reference_run
+  config, workdir = copy.deepcopy(reference_config), reference_copy
   sweep = {(r["weight_bits"], r["act_bits"]): r["accuracy"] for r in results["rows"]}
 
   weights_only = str(tmp_path / "w4.npz")
@@ -165,9 +162,10 @@ def test_evaluating_the_file_gives_the_sweeps_accuracy(tmp_path):
   # And a reader written from README's specification reproduces the sweep's accuracy.
   weights, activations = read_export(with_ranges)
   mean, std = FASHION_MNIST_MEAN_STD
-  images = ((splits["test"]["image"][..., None] / 255.0 - mean) / std).astype(np.float32)
+  test = fake_split(NUM_TEST, seed=2)  # the test split of conftest's idx_dir (write_idx_dir)
+  images = ((test["image"][..., None] / 255.0 - mean) / std).astype(np.float32)
   logits = numpy_small_cnn(weights, activations, images)
-  accuracy = np.mean(np.argmax(logits, -1) == splits["test"]["label"])
+  accuracy = np.mean(np.argmax(logits, -1) == test["label"])
   assert accuracy == sweep[(4, 4)]
 
 
