@@ -83,6 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.qat = ml_collections.ConfigDict()
   config.qat.weight_bits = ml_collections.FieldReference(None, field_type=int)
   config.qat.act_bits = ml_collections.FieldReference(None, field_type=int)
+  # Multi-bit QAT (Any-Precision DNN, Yu et al. 2021): each step at W = A = b for bits_per_step
+  # widths b drawn from bit_set (a function of the step), one BatchNorm shared by all; () = off.
+  config.qat.bit_set = ()
+  config.qat.bits_per_step = 1
 
   config.train = ml_collections.ConfigDict()
   config.train.num_epochs = 10
@@ -183,6 +187,29 @@ def _check_choice(name: str, value, choices: Sequence[str], what: str | None = N
     raise ValueError(f"Unknown {what or name} {value!r}; expected one of {tuple(choices)}.")
 
 
+def _check_multibit_qat(config: ml_collections.ConfigDict) -> None:
+  bit_set = tuple(config.qat.bit_set)
+  for bits in bit_set:
+    quant.check_bits(bits, "qat.bit_set entry")
+    if bits is None:
+      raise ValueError("qat.bit_set entries are bit-widths; None (float) is not one.")
+  if len(set(bit_set)) != len(bit_set):
+    raise ValueError(f"qat.bit_set={bit_set}: each bit-width once.")
+  if not bit_set:
+    return
+  _check_integer("qat.bits_per_step", config.qat.bits_per_step, 1)
+  if config.qat.bits_per_step > len(bit_set):
+    raise ValueError(f"qat.bits_per_step={config.qat.bits_per_step} exceeds the "
+                     f"{len(bit_set)} widths of qat.bit_set.")
+  others = {"qat.weight_bits": config.qat.weight_bits is not None,
+            "qat.act_bits": config.qat.act_bits is not None,
+            "reg.lambda_w": config.reg.lambda_w != 0, "reg.lambda_a": config.reg.lambda_a != 0,
+            "reg.lambda_kurtosis": config.reg.lambda_kurtosis != 0}
+  if any(others.values()):
+    raise ValueError(f"qat.bit_set (multi-bit QAT) is a method of its own; unset "
+                     f"{', '.join(name for name, on in others.items() if on)}.")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ValueError naming the first field whose value cannot work.
 
@@ -215,6 +242,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                                 num_devices, "reg.penalty_batch_fraction")
   quant.check_bits(config.qat.weight_bits, "qat.weight_bits")
   quant.check_bits(config.qat.act_bits, "qat.act_bits")
+  _check_multibit_qat(config)
 
   for name, minimum in (("train.num_epochs", 1), ("train.log_every_steps", 1),
                         ("train.checkpoint_every_steps", 0), ("train.checkpoints_to_keep", 2),

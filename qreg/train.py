@@ -133,6 +133,51 @@ def quantization_aware_apply_fn(model, weight_bits: int | None, act_bits: int | 
   return apply_fn
 
 
+def drawn_bit_indices(seed: int, step: jax.Array, num_widths: int,
+                      widths_per_step: int) -> jax.Array:
+  """The indices into qat.bit_set that multi-bit QAT trains at `step`: widths_per_step distinct
+  ones, drawn from (seed, step) alone, so that a resumed run draws what an unbroken one does."""
+  key = jax.random.fold_in(jax.random.key(seed), step)
+  return jax.random.choice(key, num_widths, (widths_per_step,), replace=False)
+
+
+def make_multibit_train_step(model, optimizer: optax.GradientTransformation,
+                             bit_set: tuple[int, ...], widths_per_step: int, seed: int,
+                             setup: ptq.QuantSetup):
+  """Multi-bit QAT (Any-Precision DNN, Yu et al., AAAI 2021): the mean task loss of the
+  straight-through fake-quantized model at W = A = b, over the widths b drawn for the step.
+
+  Unlike Any-Precision, one BatchNorm serves every width (the model is folded and swept like
+  the other methods'); each drawn width's forward updates its running statistics in turn.
+  """
+  branches = [functools.partial(objectives.plain_value_and_grad,
+                                apply_fn=quantization_aware_apply_fn(model, bits, bits, setup))
+              for bits in bit_set]
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    indices = drawn_bit_indices(seed, state.step, len(bit_set), widths_per_step)
+
+    def one_width(batch_stats, index):
+      (loss, (batch_stats, logits, terms)), grads = jax.lax.switch(
+          index, branches, state.params, batch_stats, batch)
+      return batch_stats, (loss, logits, terms, grads)
+
+    batch_stats, (losses, logits, terms, grads) = jax.lax.scan(one_width, state.batch_stats,
+                                                               indices)
+    mean = lambda tree: jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+    grads, loss = mean(grads), jnp.mean(losses)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(mean(terms), loss=loss, grad_norm=optax.tree.norm(grads),
+                   accuracy=jnp.mean(jnp.argmax(logits[0], -1) == batch["label"]),
+                   qat_bits=jnp.asarray(bit_set, jnp.float32)[indices[0]],
+                   penalty_applied=jnp.float32(0.0))
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), metrics
+
+  return train_step
+
+
 def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, state: TrainState):
   """jax.jit with explicit shardings: state replicated, batch split over `data`."""
   state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
@@ -174,6 +219,10 @@ def build_method_steps(config: ml_collections.ConfigDict, model,
 
   None when the config asks for no method (plain training throughout).
   """
+  if config.qat.bit_set:
+    return MethodSteps(make_multibit_train_step(
+        model, optimizer, tuple(config.qat.bit_set), config.qat.bits_per_step, config.seed,
+        ptq.build_quant_setup(config.quant)), None, 1)
   penalty = build_penalty(config.reg)
   weight_bits, act_bits = config.qat.weight_bits, config.qat.act_bits
   lambda_kurtosis = float(config.reg.lambda_kurtosis)
