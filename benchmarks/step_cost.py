@@ -11,7 +11,8 @@ way), all compiled and timed in this process:
 - "plain": qreg.train's step without the penalty (it also takes the
   activation gradients and logs the gradient norms);
 - "<impl> f=<f>": the penalized step with each `reg.impl`, the penalty on
-  the first fraction f of the batch (reg.penalty_batch_fraction).
+  the first fraction f of the batch (reg.penalty_batch_fraction);
+- "multibit k=<k>" (--multibit_k): the multi-bit QAT step at k widths a step.
 Steps of all variants are interleaved round by round, so that load from
 other processes slows them alike; each time is the median over rounds. Then
 for each (impl, k, f) the amortized cost of a step under reg.every_k_steps=k,
@@ -36,7 +37,7 @@ from absl import app, flags
 
 from configs import (cifar10_mobilenetv2, cifar10_resnet18, cifar10_vgg, fashion_mnist,
                      fashion_mnist_mobilenetv2, fashion_mnist_resnet18, fashion_mnist_vgg)
-from qreg import cli, models, objectives, parallel, report, train
+from qreg import cli, models, objectives, parallel, ptq, report, train
 
 # Model name -> (config module giving model, batch size, optimizer and lambdas; input shape).
 BENCHMARKS = {
@@ -51,6 +52,7 @@ BENCHMARKS = {
 }
 NUM_CLASSES = 10  # of every benchmarked dataset
 BARE, PLAIN = "bare", "plain"
+MULTIBIT_BIT_SET = (2, 3, 4, 5, 6, 8)  # multi-bit QAT's default set (issue 22)
 
 _MODELS = flags.DEFINE_list("models", ["small_cnn"], f"Models to measure, from {list(BENCHMARKS)}.")
 _IMPLS = flags.DEFINE_list("impls", list(objectives.IMPLS),
@@ -63,6 +65,9 @@ _EVERY_K = flags.DEFINE_list("every_k", ["1", "4", "16"],
                              "Penalty frequencies (reg.every_k_steps) to amortize over.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32"],
                             f"Compute dtypes (model.dtype) to measure, from {list(models.DTYPES)}.")
+_MULTIBIT_K = flags.DEFINE_list("multibit_k", [],
+                                "Also time multi-bit QAT steps (qat.bit_set = MULTIBIT_BIT_SET) "
+                                "with this many widths a step (qat.bits_per_step).")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per variant (rounds).")
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 3,
                                      "Untimed steps per variant after compiling.")
@@ -136,7 +141,7 @@ def _variant(impl: str, fraction: float) -> str:
 
 def measure_model(name: str, batch_size: int | None, impls: list[str], fractions: list[float],
                   every_k: list[int], steps: int, warmup_steps: int,
-                  dtype: str = "float32") -> dict:
+                  dtype: str = "float32", multibit_k: tuple[int, ...] = ()) -> dict:
   """Times the bare, plain and penalized steps for one model computing in `dtype` (float32
   params either way); returns its results row."""
   config_module, image_shape = BENCHMARKS[name]
@@ -166,6 +171,11 @@ def measure_model(name: str, batch_size: int | None, impls: list[str], fractions
       penalties[variant], sub_batches[variant] = train.build_penalty(config.reg), sub_batch
       train_steps[variant] = train.make_train_step(model.apply, optimizer, penalties[variant],
                                                    penalty_sub_batch=sub_batch)
+
+  setup = ptq.build_quant_setup(config.quant)
+  for k in multibit_k:
+    train_steps[f"multibit k={k}"] = train.make_multibit_train_step(
+        model, optimizer, MULTIBIT_BIT_SET, k, 0, setup)
 
   compiled_steps, states, rows = {}, {}, {}
   for variant, train_step in train_steps.items():
@@ -263,11 +273,15 @@ def main(argv):
   unknown = [d for d in _DTYPES.value if d not in models.DTYPES]
   if unknown:
     raise app.UsageError(f"Unknown --dtypes {unknown}; expected some of {list(models.DTYPES)}.")
+  multibit_k = tuple(int(k) for k in _MULTIBIT_K.value)
+  if any(not 1 <= k <= len(MULTIBIT_BIT_SET) for k in multibit_k):
+    raise app.UsageError(f"--multibit_k={_MULTIBIT_K.value}: each in 1..{len(MULTIBIT_BIT_SET)}.")
   for name in _MODELS.value:
     for batch_size in [int(b) for b in _BATCH_SIZES.value] or [None]:
       for dtype in _DTYPES.value:
         results["models"].append(measure_model(name, batch_size, _IMPLS.value, fractions,
-                                               every_k, _STEPS.value, _WARMUP_STEPS.value, dtype))
+                                               every_k, _STEPS.value, _WARMUP_STEPS.value, dtype,
+                                               multibit_k))
   table = markdown_table(results)
   print(table)
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
