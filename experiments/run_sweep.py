@@ -39,8 +39,9 @@ _METHOD_FIELDS = ("reg", "qat", "quant", "eval")
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-  """A sweep config file loaded with its argument: the base config and its runs."""
+  """A sweep config file loaded with its argument: the module, the base config and its runs."""
   spec: str
+  module: Any
   base: ml_collections.ConfigDict
   runs: list[dict[str, Any]]
 
@@ -82,7 +83,7 @@ def load_sweep(spec: str, choices: Mapping[str, dict] | None = None) -> Sweep:
   unknown = sorted({run["warm_start"] for run in runs if run.get("warm_start")} - set(names))
   if unknown:
     raise ValueError(f"{spec}: warm_start names no run of the sweep: {', '.join(unknown)}.")
-  return Sweep(spec, module.get_config(arg), runs)
+  return Sweep(spec, module, module.get_config(arg), runs)
 
 
 def read_choices(path: str) -> dict[str, dict]:

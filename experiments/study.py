@@ -70,8 +70,7 @@ def _network(net: str) -> Network:
 def tuned_choices(spec: str, root: str, out: str) -> dict[str, dict]:
   """The tuning sweep `spec` in root, then each method's choice on the validation split, written
   to out; returns {method: overrides} for the table sweep."""
-  run_sweep.run_sweep(spec, root)
-  return tune.tune(spec, root, out)
+  return tune.tune(run_sweep.run_sweep(spec, root), root, out)
 
 
 def both_protocols(root: str, out: str) -> None:

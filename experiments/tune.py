@@ -91,12 +91,10 @@ def markdown(choice: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def tune(spec: str, root: str, out: str) -> dict[str, dict]:
-  """Chooses on the tuning sweep `spec` run in root, writes choices.json, grid.json and grid.md
-  to out, and returns {method: chosen overrides}."""
-  module, _ = run_sweep.load_module(spec)
-  runs = run_sweep.load_sweep(spec).runs
-  choice = choose(runs, root, module.CRITERION_SETTINGS, module.MAX_FLOAT_DROP)
+def tune(sweep: run_sweep.Sweep, root: str, out: str) -> dict[str, dict]:
+  """Chooses on the tuning sweep run in root, writes choices.json, grid.json and grid.md to
+  out, and returns {method: chosen overrides}."""
+  choice = choose(sweep.runs, root, sweep.module.CRITERION_SETTINGS, sweep.module.MAX_FLOAT_DROP)
   os.makedirs(out, exist_ok=True)
   report.write_json_atomic(os.path.join(out, "choices.json"),
                            {"criterion": choice["criterion"], "methods": choice["methods"]})
@@ -114,4 +112,4 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", None, "The tuning sweep's root.", required=True)
   _OUT = flags.DEFINE_string("out", None, "Where to write choices.json, grid.json, grid.md.",
                              required=True)
-  cli.run(lambda argv: tune(_CONFIG.value, _WORKDIR.value, _OUT.value))
+  cli.run(lambda argv: tune(run_sweep.load_sweep(_CONFIG.value), _WORKDIR.value, _OUT.value))
