@@ -175,7 +175,7 @@ def measure_model(name: str, batch_size: int | None, impls: list[str], fractions
   setup = ptq.build_quant_setup(config.quant)
   for k in multibit_k:
     train_steps[f"multibit k={k}"] = train.make_multibit_train_step(
-        model, optimizer, MULTIBIT_BIT_SET, k, 0, setup)
+        model, optimizer, train.drawn_widths(0, 0, MULTIBIT_BIT_SET, k), setup)
 
   compiled_steps, states, rows = {}, {}, {}
   for variant, train_step in train_steps.items():

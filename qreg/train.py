@@ -141,28 +141,37 @@ def drawn_bit_indices(seed: int, step: jax.Array, num_widths: int,
   return jax.random.choice(key, num_widths, (widths_per_step,), replace=False)
 
 
-def make_multibit_train_step(model, optimizer: optax.GradientTransformation,
-                             bit_set: tuple[int, ...], widths_per_step: int, seed: int,
-                             setup: ptq.QuantSetup):
-  """Multi-bit QAT (Any-Precision DNN, Yu et al., AAAI 2021): the mean task loss of the
-  straight-through fake-quantized model at W = A = b, over the widths b drawn for the step.
+_draw_bit_indices = jax.jit(drawn_bit_indices, static_argnums=(2, 3))
 
-  Unlike Any-Precision, one BatchNorm serves every width (the model is folded and swept like
-  the other methods'); each drawn width's forward updates its running statistics in turn.
-  The width is picked inside the jitted step (lax.switch over one branch per width); on the
-  2-core CPU that step ran about 5x slower than one STE step at a fixed width.
+
+def drawn_widths(seed: int, step: int, bit_set: tuple[int, ...],
+                 widths_per_step: int) -> tuple[int, ...]:
+  """The bit-widths multi-bit QAT trains at `step`, on the host, in the order they are drawn."""
+  indices = _draw_bit_indices(seed, jnp.int32(step), len(bit_set), widths_per_step)
+  return tuple(bit_set[int(i)] for i in np.asarray(indices))
+
+
+def make_multibit_train_step(model, optimizer: optax.GradientTransformation,
+                             widths: tuple[int, ...], setup: ptq.QuantSetup):
+  """Multi-bit QAT (Any-Precision DNN, Yu et al., AAAI 2021) at the widths drawn for a step: the
+  mean task loss of the straight-through fake-quantized model at W = A = b over `widths`.
+
+  The widths are drawn on the host (drawn_widths) and each drawn tuple gets its own compiled
+  step, as step_kind picks the plain or regularized one: choosing the width inside the jitted
+  step (lax.switch over one branch per width) ran about 5x slower than a fixed-width STE step
+  on the 2-core CPU. Unlike Any-Precision, one BatchNorm serves every width (the model is folded
+  and swept like the other methods'); each width's forward updates its running statistics in
+  turn, in the drawn order.
   """
-  branches = [functools.partial(objectives.plain_value_and_grad,
-                                apply_fn=quantization_aware_apply_fn(model, bits, bits, setup))
-              for bits in bit_set]
+  value_and_grads = [functools.partial(objectives.plain_value_and_grad,
+                                       apply_fn=quantization_aware_apply_fn(model, b, b, setup))
+                     for b in widths]
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    indices = drawn_bit_indices(seed, state.step, len(bit_set), widths_per_step)
-    # An unrolled loop: under lax.scan XLA:CPU ran the step 4-5x slower.
     batch_stats, outputs = state.batch_stats, []
-    for index in indices:
-      (loss, (batch_stats, logits, terms)), grads = jax.lax.switch(
-          index, branches, state.params, batch_stats, batch)
+    for value_and_grad in value_and_grads:
+      (loss, (batch_stats, logits, terms)), grads = value_and_grad(state.params, batch_stats,
+                                                                     batch)
       outputs.append((loss, logits, terms, grads))
     losses, logits, terms, grads = jax.tree.map(lambda *x: jnp.stack(x), *outputs)
     mean = lambda tree: jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
@@ -171,8 +180,7 @@ def make_multibit_train_step(model, optimizer: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     metrics = dict(mean(terms), loss=loss, grad_norm=optax.tree.norm(grads),
                    accuracy=jnp.mean(jnp.argmax(logits[0], -1) == batch["label"]),
-                   qat_bits=jnp.asarray(bit_set, jnp.float32)[indices[0]],
-                   penalty_applied=jnp.float32(0.0))
+                   qat_bits=jnp.float32(widths[0]), penalty_applied=jnp.float32(0.0))
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state), metrics
 
@@ -207,10 +215,13 @@ class MethodSteps(NamedTuple):
   regularized: the method's step (gradient penalty, KURE and/or STE QAT);
   between: on the steps between two penalized ones (reg.every_k_steps > 1),
   the method without the gradient penalty, or None where that is the plain step.
+  widths: multi-bit QAT only, step -> the bit-widths drawn for it; `regularized` is then
+  widths -> the train step at those widths.
   """
   regularized: Callable
   between: Callable | None
   every_k_steps: int
+  widths: Callable[[int], tuple[int, ...]] | None = None
 
 
 def build_method_steps(config: ml_collections.ConfigDict, model,
@@ -221,9 +232,11 @@ def build_method_steps(config: ml_collections.ConfigDict, model,
   None when the config asks for no method (plain training throughout).
   """
   if config.qat.bit_set:
-    return MethodSteps(make_multibit_train_step(
-        model, optimizer, tuple(config.qat.bit_set), config.qat.bits_per_step, config.seed,
-        ptq.build_quant_setup(config.quant)), None, 1)
+    setup = ptq.build_quant_setup(config.quant)
+    bit_set, per_step, seed = tuple(config.qat.bit_set), config.qat.bits_per_step, config.seed
+    return MethodSteps(
+        lambda widths: make_multibit_train_step(model, optimizer, widths, setup), None, 1,
+        widths=lambda step: drawn_widths(seed, step, bit_set, per_step))
   penalty = build_penalty(config.reg)
   weight_bits, act_bits = config.qat.weight_bits, config.qat.act_bits
   lambda_kurtosis = float(config.reg.lambda_kurtosis)
@@ -375,16 +388,24 @@ def train_in_workdir(setup: TrainingSetup, workdir: str) -> TrainState:
   start_step = int(state.step)
 
   steps = {"plain": jit_train_step(make_train_step(model.apply, optimizer, None), mesh, state)}
-  if method is not None:
+  if method is not None and method.widths is None:
     steps["regularized"] = jit_train_step(method.regularized, mesh, state)
     if method.between is not None:
       steps["between"] = jit_train_step(method.between, mesh, state)
+
+  def train_step_at(step: int, kind: str) -> Callable:
+    if kind != "regularized" or method.widths is None:
+      return steps[kind]
+    widths = method.widths(step)  # multi-bit QAT: one compiled step per drawn tuple of widths
+    if widths not in steps:
+      steps[widths] = jit_train_step(method.regularized(widths), mesh, state)
+    return steps[widths]
   remaining = collections.Counter(step_kind(step, reg_start_step, method)
                                   for step in range(start_step, total_steps))
 
   # Metrics are written by process 0 only; the others train silently.
   writer = metrics.MetricWriter(workdir) if jax.process_index() == 0 else metrics.NullWriter()
-  progress = metrics.Progress({kind: remaining[kind] for kind in steps},
+  progress = metrics.Progress({kind: remaining[kind] for kind in ("plain", *remaining)},
                               {"regularized": REGULARIZED_STEP_COST_GUESS})
   log_every = config.train.log_every_steps
   checkpoint_every = config.train.checkpoint_every_steps
@@ -407,11 +428,12 @@ def train_in_workdir(setup: TrainingSetup, workdir: str) -> TrainState:
     with _stop_signals_set_flag() as signals_received:
       for step in range(start_step, total_steps):
         kind = step_kind(step, reg_start_step, method)
-        state, step_metrics = steps[kind](state, next(batches))
+        train_step = train_step_at(step, kind)
+        state, step_metrics = train_step(state, next(batches))
         window.append(step_metrics)
         done = step + 1
-        line = progress.step_done(kind, done, compiled_now=kind not in compiled)
-        compiled.add(kind)
+        line = progress.step_done(kind, done, compiled_now=train_step not in compiled)
+        compiled.add(train_step)
         if line:
           logging.info("%s", line)
         last_in_epoch = done % steps_per_epoch == 0

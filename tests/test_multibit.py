@@ -57,10 +57,10 @@ def test_the_step_trains_the_fake_quantized_model_at_the_drawn_width(seed):
   batch = {"image": jnp.asarray(rng.normal(size=(8, 28, 28, 1)), jnp.float32),
            "label": jnp.asarray(rng.integers(0, 10, 8))}
   setup = ptq.build_quant_setup(config_lib.base_config().quant)
-  step = jax.jit(train.make_multibit_train_step(model, optimizer, BIT_SET, 1, seed, setup))
   for s in (0, 1, 2):
-    state = state.replace(step=jnp.int32(s))
-    bits = BIT_SET[int(train.drawn_bit_indices(seed, s, len(BIT_SET), 1)[0])]
+    (bits,) = train.drawn_widths(seed, s, BIT_SET, 1)
+    assert bits == BIT_SET[int(train.drawn_bit_indices(seed, s, len(BIT_SET), 1)[0])]
+    step = jax.jit(train.make_multibit_train_step(model, optimizer, (bits,), setup))
     _, metrics = step(state, batch)
     assert float(metrics["qat_bits"]) == bits
     expected = explicit_quantized_loss(model, state.params, state.batch_stats, batch, bits)
@@ -75,9 +75,9 @@ def test_two_widths_a_step_average_their_losses():
   batch = {"image": jnp.asarray(rng.normal(size=(8, 28, 28, 1)), jnp.float32),
            "label": jnp.asarray(rng.integers(0, 10, 8))}
   setup = ptq.build_quant_setup(config_lib.base_config().quant)
-  _, metrics = jax.jit(train.make_multibit_train_step(model, optimizer, BIT_SET, 2, 0, setup))(
+  first, second = train.drawn_widths(0, 0, BIT_SET, 2)
+  _, metrics = jax.jit(train.make_multibit_train_step(model, optimizer, (first, second), setup))(
       state, batch)
-  first, second = (BIT_SET[int(i)] for i in train.drawn_bit_indices(0, 0, len(BIT_SET), 2))
   # The second width's forward sees the BatchNorm statistics the first one updated; in train
   # mode the batch's own statistics normalize, so both losses are the plain ones.
   expected = np.mean([explicit_quantized_loss(model, state.params, state.batch_stats, batch, b)
