@@ -4,6 +4,7 @@ seed, every run measured on the validation split (never the test set).
     --config=configs/tables/tuning.py:net=vgg            the pre-registered grids (GRIDS)
     --config=configs/tables/tuning.py:net=resnet18,grid=l1_low   a grid extension (EXTENSIONS)
     --config=configs/tables/tuning.py:net=small_cnn,grid=lazy    the k=4, f=1/4 schedule's lambdas
+    --config=configs/tables/tuning.py:net=vgg,grid=multibit      multi-bit QAT's grid (any net)
 
 The last 5,000 training images are held out as the validation split; every method acts in the
 last of 4 epochs, warm-started from the same no-reg run at epoch 3. experiments.tune picks each
@@ -41,6 +42,21 @@ EXTENSIONS = {
     ("mobilenetv2", "low"): {"l1": penalty_grid("l1", (0.001, 0.0003, 0.0001)),
                              "l2": penalty_grid("l2", (0.16, 0.05, 0.016))},
 }
+# Multi-bit QAT (issue 22), a method added after the tables: its grid is run as an extension
+# beside each network's tuned table (same seed, split, criterion and warm start). Its
+# hyperparameter is its bit-width set {b, ..., 8} of the default {2, 3, 4, 5, 6, 8}, four values
+# like every pre-registered grid, its lowest width b one below STE-QAT's grid (3-6): a set
+# whose lowest width is b also trains at every wider one.
+MULTIBIT_BIT_SET = (2, 3, 4, 5, 6, 8)
+
+
+def multibit_grid(lowest_widths) -> list[dict]:
+  """Multi-bit QAT over {b, ..., 8} for each lowest width b."""
+  return [{**methods.NO_PENALTY, "qat.bit_set": tuple(b for b in MULTIBIT_BIT_SET if b >= low)}
+          for low in lowest_widths]
+
+
+MULTIBIT_GRID = {"multibit-qat": multibit_grid((5, 4, 3, 2))}
 # The cheapest lazy schedule (penalty on one step in 4, on a quarter of each batch) gets its own
 # lambdas on the default l1 grid shifted one step down (its penalty gradient is noisier).
 LAZY_GRIDS = {"l1-k4-f0.25": [{"reg.norm": "l1", "reg.lambda_a": a, "reg.lambda_w": a / 10,
@@ -63,9 +79,11 @@ def grids(arg=None) -> dict[str, list[dict]]:
     return GRIDS
   if parsed.grid == "lazy":
     return LAZY_GRIDS
+  if parsed.grid == "multibit":
+    return MULTIBIT_GRID
   if (parsed.net, parsed.grid) not in EXTENSIONS:
-    raise ValueError(f"grid={parsed.grid!r} on net={parsed.net!r}: expected lazy, or one of the "
-                     f"extensions {sorted(EXTENSIONS)}.")
+    raise ValueError(f"grid={parsed.grid!r} on net={parsed.net!r}: expected lazy, multibit, or "
+                     f"one of the extensions {sorted(EXTENSIONS)}.")
   return EXTENSIONS[parsed.net, parsed.grid]
 
 
