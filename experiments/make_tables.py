@@ -87,15 +87,17 @@ def seed_accuracies(runs: list[dict], setting) -> dict:
   return {run["seed"]: accuracy(run["rows"], setting) for run in runs}
 
 
-def paired_gains(by_method: dict[str, list[dict]], setting) -> dict[str, dict]:
-  """method -> {"mean", "std", "per_seed": {seed: points}}: its accuracy minus no-reg's at
-  setting, seed by seed, over the seeds both have; empty without no-reg runs."""
-  if "no-reg" not in by_method:
+def paired_gains(by_method: dict[str, list[dict]], setting,
+                 reference: str = "no-reg") -> dict[str, dict]:
+  """method -> {"mean", "std", "per_seed": {seed: points}}: its accuracy minus the reference
+  method's (no-reg's) at setting, seed by seed, over the seeds both have; empty without
+  reference runs."""
+  if reference not in by_method:
     return {}
-  base = seed_accuracies(by_method["no-reg"], setting)
+  base = seed_accuracies(by_method[reference], setting)
   gains = {}
   for method, runs in by_method.items():
-    if method == "no-reg":
+    if method == reference:
       continue
     own = seed_accuracies(runs, setting)
     per_seed = {seed: own[seed] - base[seed] for seed in sorted(base) if seed in own}
@@ -105,9 +107,9 @@ def paired_gains(by_method: dict[str, list[dict]], setting) -> dict[str, dict]:
   return gains
 
 
-def gains_markdown(gains_by_setting: dict, settings) -> str:
-  lines = ["Paired gain over no-reg (points): a method's test accuracy minus no-reg's on the "
-           "same seed; mean ± std over seeds, then each seed's value.", "",
+def gains_markdown(gains_by_setting: dict, settings, reference: str = "no-reg") -> str:
+  lines = [f"Paired gain over {reference} (points): a method's test accuracy minus "
+           f"{reference}'s on the same seed; mean ± std over seeds, then each seed's value.", "",
            "| method | " + " | ".join(_setting_label(s) for s in settings) + " |",
            "|---|" + "---|" * len(settings)]
   methods = list(dict.fromkeys(m for gains in gains_by_setting.values() for m in gains))
@@ -159,6 +161,21 @@ def plot(summary, settings, path: str) -> None:
   plt.close(fig)
 
 
+def write_gains(by_method: dict[str, list[dict]], settings, out: str, name: str = "gains",
+                reference: str = "no-reg") -> None:
+  """<name>.md and <name>.json: every method's paired gains over the reference method, at each
+  setting that every run has; nothing without reference runs."""
+  gains = {setting: paired_gains(by_method, setting, reference) for setting in settings
+           if all(setting in {(r["weight_bits"], r["act_bits"]) for r in run["rows"]}
+                  for runs in by_method.values() for run in runs)}
+  if any(gains.values()):
+    report.write_text_atomic(os.path.join(out, f"{name}.md"),
+                             gains_markdown(gains, list(gains), reference))
+    report.write_json_atomic(os.path.join(out, f"{name}.json"),
+                             [{"weight_bits": w, "act_bits": a, "gains": g}
+                              for (w, a), g in gains.items()])
+
+
 def make_tables(root: str, out: str, results_name: str = "results.json") -> str:
   by_method = collect(root, results_name)
   summary, settings = summarize(by_method)
@@ -173,14 +190,7 @@ def make_tables(root: str, out: str, results_name: str = "results.json") -> str:
           {k: r[k] for k in ("weight_bits", "act_bits", "accuracy")} for r in run["rows"]]}
                for run in runs] for method, runs in by_method.items()})
   plot(summary, settings, os.path.join(out, "accuracy.png"))
-  gains = {setting: paired_gains(by_method, setting) for setting in settings
-           if all(setting in {(r["weight_bits"], r["act_bits"]) for r in run["rows"]}
-                  for runs in by_method.values() for run in runs)}
-  if any(gains.values()):
-    report.write_text_atomic(os.path.join(out, "gains.md"), gains_markdown(gains, list(gains)))
-    report.write_json_atomic(os.path.join(out, "gains.json"),
-                             [{"weight_bits": w, "act_bits": a, "gains": g}
-                              for (w, a), g in gains.items()])
+  write_gains(by_method, settings, out)
   return table
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import time
 
+import jax
 from absl import flags
 
 from configs.tables import protocols
@@ -58,6 +59,7 @@ def reevaluate_sweep(root: str, protocol: str) -> None:
     results = protocol_results(dirpath, protocols.PROTOCOLS[protocol],
                                protocols.PROTOCOL_BIT_SETTINGS.get(protocol))
     report.write_json_atomic(os.path.join(dirpath, name), results)
+    jax.clear_caches()  # as run_sweep does after each run
 
 
 def ladder(workdirs: list[str], labels: list[str], out: str) -> str:

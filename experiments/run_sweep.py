@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 from absl import flags, logging
 
@@ -159,6 +160,9 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
     print(f"=== {run['name']} ===", flush=True)
     main.train_and_evaluate(config, run_dir)
     print(f"=== {run['name']} done in {time.time() - start:.0f}s ===", flush=True)
+    # Each run compiles its own steps and sweep: without this, a long sweep's process grew until
+    # LLVM could not allocate memory (once, after ~60 runs).
+    jax.clear_caches()
   return sweep
 
 

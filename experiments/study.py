@@ -14,7 +14,11 @@
 | default_comparison | the default run and its no-reg twin, per-tensor and per-channel, and   |
 |                    | the l1 run's integer exports at 8, 6 and 4 bits                        |
 | lambda_search      | the one-seed test-set lambda search behind the default lambdas         |
-| ablations          | the paper's ablations on the offline default (terms, schedule, λ)      |
+| ablations          | the paper's ablations of l1 under the fair protocol (terms, schedule)  |
+| multibit_qat       | multi-bit QAT's tuning and tuned rows beside the tuned table (a grid   |
+|                    | extension), then Table 1                                               |
+| tradeoff           | every method's trade-off curve (configs/tables/tradeoff.py), 3 seeds,  |
+|                    | both protocols; curves and the iso-float-cost table                    |
 | table1             | the cross-network Table 1 from the committed tables                    |
 
 Runs train in --workdir/<net>/<sweep>/<run>; results go to experiments/results/. Every step
@@ -29,8 +33,9 @@ import shutil
 
 from absl import flags, logging
 
+from configs.tables import ablations as ablations_config
 from configs.tables import tuned
-from experiments import make_tables, reevaluate, run_sweep, table1, tune
+from experiments import curves, make_tables, reevaluate, run_sweep, table1, tune
 from qreg import checkpoint, cli, evaluate, export, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,12 +135,26 @@ def fair_protocol(workdir: str, net: str) -> None:
 
 
 def extend_grids(workdir: str, net: str) -> None:
-  network, root = _network(net), os.path.join(workdir, net)
+  network = _network(net)
   if network.extension is None:
     raise ValueError(f"--net={net} has no grid extension; those with one: "
                      f"{', '.join(n for n, w in NETWORKS.items() if w.extension)}.")
-  ext = network.extension
-  out = os.path.join(RESULTS, net, ext)
+  grid_extension(workdir, net, network.extension)
+
+
+def multibit_qat(workdir: str, net: str) -> None:
+  grid_extension(workdir, net, "multibit")
+  if net in table1.NETWORKS:
+    print(table1.write_table1(), flush=True)
+
+
+def grid_extension(workdir: str, net: str, ext: str) -> None:
+  """A grid of configs/tables/tuning.py beyond the tuning's (grid=ext): its tuning beside the
+  tuning's no-reg run, and its choices' rows beside the tuned table's no-reg runs (trained
+  first where they are gone), in experiments/results/<network's tables>/<ext>."""
+  network, root = _network(net), os.path.join(workdir, net)
+  out = os.path.join(RESULTS, network.tables, ext)
+  tuned_no_reg_runs(root, net)
   share_no_reg_runs(root, f"{ext}_tuning", tuning=True)
   share_no_reg_runs(root, ext, tuning=False)
   choices = tuned_choices(_table("tuning", f"net={net},grid={ext}"),
@@ -209,10 +228,63 @@ def lambda_search(workdir: str, net: str) -> None:
 
 
 def ablations(workdir: str, net: str) -> None:
-  del net
-  root = os.path.join(workdir, "small_cnn", "ablations")
-  run_sweep.run_sweep(_table("ablations"), root)
-  print(make_tables.make_tables(root, os.path.join(RESULTS, "ablations")), flush=True)
+  network, root = _network(net), os.path.join(workdir, net)
+  l1 = {"l1": run_sweep.read_choices(os.path.join(RESULTS, network.tuning, "choices.json"))["l1"]}
+  spec, runs = _table("ablations", f"net={net}"), os.path.join(root, "ablations")
+  share_tuned_runs(root, net, run_sweep.load_sweep(spec, choices=l1), runs)
+  run_sweep.run_sweep(spec, runs, choices=l1)
+  out = os.path.join(RESULTS, network.tables, "ablations")
+  both_protocols(runs, out)
+  for protocol, name in (("paper", "results.json"), ("strong", reevaluate.results_name("strong"))):
+    by_method = make_tables.collect(runs, name)
+    make_tables.write_gains(by_method, make_tables.summarize(by_method)[1],
+                            os.path.join(out, protocol), "gains_vs_reference",
+                            ablations_config.REFERENCE)
+
+
+def tuned_no_reg_runs(root: str, net: str) -> run_sweep.Sweep:
+  """The tuned table's no-reg runs, trained where they are gone; returns the tuned sweep (its
+  choices from the committed tuning)."""
+  choices = run_sweep.read_choices(os.path.join(RESULTS, _network(net).tuning, "choices.json"))
+  return run_sweep.run_sweep(_table("tuned", f"net={net}"), os.path.join(root, "tuned"),
+                             choices=choices, only=[f"no-reg/seed{seed}" for seed in tuned.SEEDS])
+
+
+def share_tuned_runs(root: str, net: str, sweep: run_sweep.Sweep, sweep_root: str) -> None:
+  """Links into sweep_root the tuned table's runs that train as one of the sweep's runs does
+  (same config but the sweep's bit settings); the tuned table's no-reg runs are trained first
+  where they are gone."""
+  tuned_sweep = tuned_no_reg_runs(root, net)
+  trained = {_training_key(tuned_sweep.config(run)): run["name"] for run in tuned_sweep.runs}
+  for run in sweep.runs:
+    name = trained.get(_training_key(sweep.config(run)))
+    if name is not None:
+      run_sweep.share_run(os.path.join(root, "tuned", name), os.path.join(sweep_root, run["name"]))
+
+
+def tradeoff_runs(workdir: str, net: str) -> str:
+  """The trade-off grids' runs, both protocols; returns their root. The tuned table's no-reg
+  runs are trained where they are gone, and its runs at a grid value are linked in."""
+  _network(net)
+  root = os.path.join(workdir, net)
+  spec, curves_root = _table("tradeoff", f"net={net}"), os.path.join(root, "tradeoff")
+  share_tuned_runs(root, net, run_sweep.load_sweep(spec), curves_root)
+  run_sweep.run_sweep(spec, curves_root)
+  reevaluate.reevaluate_sweep(curves_root, "strong")
+  return curves_root
+
+
+def _training_key(config) -> str:
+  """What decides a run's training: its config but the sweep's bit settings."""
+  config = config.copy_and_resolve_references()
+  del config.quant["bit_settings"]
+  return config.to_json_best_effort(sort_keys=True)
+
+
+def tradeoff(workdir: str, net: str) -> None:
+  root = tradeoff_runs(workdir, net)
+  print(curves.write_curves(root, os.path.join(RESULTS, _network(net).tables, "tradeoff"), net),
+        flush=True)
 
 
 def write_table1(workdir: str, net: str) -> None:
@@ -228,6 +300,8 @@ STUDIES = {
     "default_comparison": default_comparison,
     "lambda_search": lambda_search,
     "ablations": ablations,
+    "tradeoff": tradeoff,
+    "multibit_qat": multibit_qat,
     "table1": write_table1,
 }
 

@@ -27,6 +27,8 @@ NETWORKS = ("vgg", "resnet18", "mobilenetv2")
 PROTOCOLS = ("paper", "strong")
 WIDTHS = (None, 8, 6, 5, 4, 3, 2)  # W = A; None = float
 BREAK_POINTS = 10.0
+# Grid extensions whose rows join the table: experiments/results/<network>/<supplement>/.
+SUPPLEMENTS = ("multibit",)
 # The paper's own 4/4-bit numbers (Alizadeh et al. 2020, Table 1; CIFAR-10 and ImageNet, not
 # Fashion-MNIST), for orientation only: no-reg -> l1.
 PAPER_4BIT = {"vgg": "VGG-like, CIFAR-10: 11.47% -> 85.99%",
@@ -34,23 +36,44 @@ PAPER_4BIT = {"vgg": "VGG-like, CIFAR-10: 11.47% -> 85.99%",
               "mobilenetv2": "(not in the paper's Table 1; KURE's network)"}
 
 
-def read_network(network: str, protocol: str) -> dict | None:
-  path = os.path.join(RESULTS, network, protocol, "per_seed.json")
+def _read_per_seed(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    per_seed = json.load(f)
+    return json.load(f)
+
+
+def read_network(network: str, protocol: str) -> dict | None:
+  per_seed = _read_per_seed(os.path.join(RESULTS, network, protocol, "per_seed.json"))
+  if per_seed is None:
+    return None
+  # Rows run after the table beside its no-reg runs (experiments.study multibit_qat): each is
+  # paired against the no-reg runs of its own sweep, which are the table's (linked, or retrained
+  # where the workdir was gone; `no_reg_differs` says whether they match the table's).
+  supplements = {}
+  for supplement in SUPPLEMENTS:
+    rows = _read_per_seed(os.path.join(RESULTS, network, supplement, protocol, "per_seed.json"))
+    if rows is not None:
+      supplements[supplement] = rows
+      per_seed.update({m: runs for m, runs in rows.items() if m != "no-reg"})
   table = {method: {str(w): mean_std(seed_accuracies(per_seed[method], (w, w)).values())
                     for w in WIDTHS}
            for method in per_seed}
   no_reg_float = table["no-reg"]["None"][0]
   breaking = next((w for w in WIDTHS[1:]
                    if no_reg_float - table["no-reg"][str(w)][0] >= BREAK_POINTS), None)
-  gains = {} if breaking is None else {
-      method: (g["mean"], g["std"])
-      for method, g in paired_gains(per_seed, (breaking, breaking)).items()}
-  return {"table": table, "breaking_width": breaking, "gains": gains,
-          "seeds": sorted({run["seed"] for runs in per_seed.values() for run in runs})}
+  gains = {}
+  if breaking is not None:
+    setting = (breaking, breaking)
+    gains = {m: (g["mean"], g["std"]) for m, g in paired_gains(per_seed, setting).items()}
+    for rows in supplements.values():
+      gains.update({m: (g["mean"], g["std"]) for m, g in paired_gains(rows, setting).items()})
+  found = {"table": table, "breaking_width": breaking, "gains": gains,
+           "seeds": sorted({run["seed"] for runs in per_seed.values() for run in runs})}
+  if supplements:
+    found["no_reg_differs"] = {name: rows["no-reg"] != per_seed["no-reg"]
+                               for name, rows in supplements.items()}
+  return found
 
 
 def markdown(results: dict) -> str:
@@ -87,6 +110,12 @@ def markdown(results: dict) -> str:
       lines.append(f"| {network} | {protocol} | W{width}A{width} | "
                    f"{no_reg[0]:.2f} ± {no_reg[1]:.2f} | "
                    + ", ".join(f"{m} {g:+.2f} ± {s:.2f}" for m, (g, s) in gains) + " |")
+  differing = [f"{network} {protocol} ({name})" for network, by_protocol in results.items()
+               for protocol, found in by_protocol.items()
+               for name, differs in found.get("no_reg_differs", {}).items() if differs]
+  if differing:
+    lines += ["", "Rows added beside the table are paired against their own no-reg runs, which "
+              "differ from the table's in: " + ", ".join(differing) + "."]
   lines += ["", "The paper's own 4-bit numbers, for orientation (other datasets, full width):", ""]
   lines += [f"- {network}: {PAPER_4BIT.get(network, '(not a paper network)')}"
             for network in results]

@@ -33,7 +33,7 @@ def validated(sweep, run, tmp_path):
 
 
 @pytest.mark.parametrize("spec", [table("paper", f"net={net}") for net in paper.CONFIGS]
-                         + [table("ablations"), table("impls"), table("lambda_search"),
+                         + [table("impls"), table("lambda_search"),
                             table("default")])
 def test_table_configs_list_valid_runs(spec, tmp_path):
   sweep = run_sweep.load_sweep(spec)
@@ -244,6 +244,23 @@ def test_table1_breaking_width_and_gains_against_a_naive_reading(tmp_path, monke
   np.testing.assert_allclose(found["gains"]["l1"], (np.mean(naive), np.std(naive, ddof=1)),
                              rtol=1e-12)
   assert "| vgg | paper | W5A5 |" in table1.markdown({"vgg": {"paper": found}})
+  # A supplement's rows (experiments.study multibit_qat) join the table, each paired against
+  # its own sweep's no-reg runs.
+  supplement = {"no-reg": [dict(run, rows=[dict(r, accuracy=r["accuracy"] - 0.01 * run["seed"])
+                                           for r in run["rows"]]) for run in per_seed["no-reg"]],
+                "multibit-qat": per_seed["l1"][::-1]}
+  (tmp_path / "vgg" / "multibit" / "paper").mkdir(parents=True)
+  (tmp_path / "vgg" / "multibit" / "paper" / "per_seed.json").write_text(json.dumps(supplement))
+  found = table1.read_network("vgg", "paper")
+  assert list(found["table"]) == ["no-reg", "l1", "multibit-qat"]
+  np.testing.assert_allclose(list(found["table"]["multibit-qat"].values()),
+                             list(found["table"]["l1"].values()), rtol=1e-12)
+  naive = [at("l1", s) - (at("no-reg", s) - s) for s in range(3)]
+  np.testing.assert_allclose(found["gains"]["multibit-qat"], (np.mean(naive), np.std(naive, ddof=1)),
+                             rtol=1e-12)
+  assert found["no_reg_differs"] == {"multibit": True}
+  assert "differ from the table's in: vgg paper (multibit)" in table1.markdown(
+      {"vgg": {"paper": found}})
 
 
 def write_tuning_results(root, grid_runs, float_and_low):
@@ -298,7 +315,7 @@ def test_tuning_grids_have_equal_budgets_on_the_validation_split(tmp_path):
 
 @pytest.mark.parametrize("arg", ["net=small_cnn", "net=vgg", "net=resnet18,grid=l1_low",
                                  "net=mobilenetv2,grid=low", "net=small_cnn,grid=lazy",
-                                 "net=vgg,grid=lazy"])
+                                 "net=vgg,grid=lazy", "net=mobilenetv2,grid=multibit"])
 def test_every_tuning_lists_the_grid_that_tune_reads(arg):
   # experiments.tune finds value i of a method's grid in the run <method>/<i>.
   runs = run_sweep.load_sweep(table("tuning", arg)).runs

@@ -1,0 +1,198 @@
+"""The trade-off grids (configs/tables/tradeoff.py) against their rule and the committed tuning
+runs, and experiments.curves against a naive reading of synthetic runs."""
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs.tables import ablations, tradeoff, tuning
+from experiments import curves, run_sweep, study
+from tests.test_experiments import RESULTS, table, validated
+
+TUNING_RESULTS = {"small_cnn": "fashion_mnist_tuning", "vgg": "vgg/tuning"}
+
+
+def ladder_value(method: str, overrides: dict):
+  """A grid value's position on its method's ladder: lambda, or the (lowest) bit-width."""
+  if method in ("l1", "l2"):
+    return overrides["reg.lambda_a"]
+  if method == "kure":
+    return overrides["reg.lambda_kurtosis"]
+  if method == "ste-qat":
+    return overrides["qat.weight_bits"]
+  return min(overrides["qat.bit_set"])
+
+
+@pytest.mark.parametrize("net", sorted(tradeoff.GRIDS))
+def test_tradeoff_grids_follow_the_rule_on_the_committed_tuning_runs(net):
+  grids = tradeoff.grids(f"net={net}")
+  assert list(grids) == ["l1", "l2", "kure", "ste-qat", "multibit-qat"]
+  with open(os.path.join(RESULTS, TUNING_RESULTS[net], "grid.json")) as f:
+    tuned = json.load(f)
+  cost = {(g["method"], ladder_value(g["method"], g["overrides"])): tuned["no_reg_float"] - g["float"]
+          for g in tuned["grid"]}
+  for method, grid in grids.items():
+    values = [ladder_value(method, o) for o in grid]
+    if method in ("ste-qat", "multibit-qat"):  # bit-widths: consecutive, from 6 down, >= 2
+      assert values == list(range(6, 6 - len(values), -1)) and min(values) >= 2
+    else:  # the tuning grids' factor ~3, continued
+      assert values == sorted(values)
+      assert all(2.9 < b / a < 3.5 for a, b in zip(values, values[1:]))
+      if method != "kure":
+        assert all(o["reg.norm"] == method and o["reg.lambda_w"] == o["reg.lambda_a"] / 10
+                   for o in grid)
+    if method == "multibit-qat":
+      assert grid[-1]["qat.bit_set"] == tuning.MULTIBIT_BIT_SET  # its whole ladder
+      continue
+    measured = [cost[method, v] for v in values if (method, v) in cost]
+    tuning_values = [v for v in values if (method, v) in cost]
+    # Low end: the first value is the no-effect one, measured or one step beyond a measured one
+    # that cost too much; high end: the first value costing >= 3 ends the grid, else two beyond.
+    first, weaker = values[0], (lambda v: v > values[0]) if method == "ste-qat" else (
+        lambda v: v < values[0])
+    assert not any(weaker(v) for m, v in cost if m == method)  # nothing nearer no effect
+    if (method, first) in cost:
+      assert cost[method, first] <= tradeoff.LOW_END_COST
+    else:  # one step beyond the tuning grid, whose first value cost too much
+      assert cost[method, values[1]] > tradeoff.LOW_END_COST
+    if max(measured) >= tradeoff.HIGH_END_COST:
+      assert cost[method, values[-1]] >= tradeoff.HIGH_END_COST
+      assert all(c < tradeoff.HIGH_END_COST for c in measured[:-1])
+    else:  # two steps beyond the tuning grid
+      assert values[-3] == tuning_values[-1]
+      assert not any((method, v) in cost for v in values[-2:])
+
+
+@pytest.mark.parametrize("net", sorted(tradeoff.GRIDS))
+def test_tradeoff_runs_are_the_tuned_tables_with_shared_no_reg_runs(net, tmp_path):
+  sweep = run_sweep.load_sweep(table("tradeoff", f"net={net}"))
+  tuned = run_sweep.load_sweep(table("tuned", f"net={net}"),
+                               choices={"l1": tradeoff.GRIDS[net]["l1"][1]})
+  for run in sweep.runs:
+    config = validated(sweep, run, tmp_path)
+    assert config.eval.split == "test" and config.data.validation_size == 5000
+    seed = run["labels"]["seed"]
+    assert run["warm_start"] == (None if run["labels"]["method"] == "no-reg" else f"no-reg/seed{seed}")
+  methods = {run["labels"]["method"] for run in sweep.runs}
+  assert len(sweep.runs) == 3 + 3 * sum(len(g) for g in tradeoff.grids(f"net={net}").values())
+  assert methods == {"no-reg", *tradeoff.GRIDS[net]}
+  # The runs that train as a tuned table's run does are linked in, and only those.
+  key = lambda s, r: study._training_key(s.config(r))  # pylint: disable=protected-access
+  tuned_keys = {key(tuned, r): r["name"] for r in tuned.runs}
+  shared = {r["name"]: tuned_keys[key(sweep, r)] for r in sweep.runs if key(sweep, r) in tuned_keys}
+  assert shared == {**{f"no-reg/seed{s}": f"no-reg/seed{s}" for s in (0, 1, 2)},
+                    **{f"l1/1/seed{s}": f"l1/seed{s}" for s in (0, 1, 2)}}
+
+
+@pytest.mark.parametrize("net", ["small_cnn", "vgg"])
+def test_ablations_vary_only_the_l1_terms_and_schedule(net, tmp_path):
+  with open(os.path.join(RESULTS, TUNING_RESULTS[net], "choices.json")) as f:
+    l1 = json.load(f)["methods"]["l1"]["overrides"]
+  sweep = run_sweep.load_sweep(table("ablations", f"net={net}"), choices={"l1": l1})
+  found = {}
+  for run in sweep.runs:
+    config = validated(sweep, run, tmp_path)
+    assert config.eval.split == "test" and config.data.validation_size == 5000
+    method, seed = run["labels"]["method"], run["labels"]["seed"]
+    found[method, seed] = (config.reg.lambda_w, config.reg.lambda_a, config.reg.start_epoch)
+    assert run["warm_start"] == (None if method == "no-reg" or "from the start" in method
+                                 else f"no-reg/seed{seed}")
+  for seed in (0, 1, 2):
+    w, a = l1["reg.lambda_w"], l1["reg.lambda_a"]
+    assert found["no-reg", seed] == (0.0, 0.0, 3)
+    assert found[ablations.REFERENCE, seed] == (w, a, 3)
+    assert found["l1 weights only", seed] == (w, 0.0, 3)
+    assert found["l1 activations only", seed] == (0.0, a, 3)
+    assert found["l1 both, from the start", seed] == (w, a, 0)
+  # "both, last epoch" trains as the tuned table's l1 run does: experiments.study links it in.
+  tuned = run_sweep.load_sweep(table("tuned", f"net={net}"), choices={"l1": l1})
+  key = lambda s, r: study._training_key(s.config(r))  # pylint: disable=protected-access
+  tuned_keys = {key(tuned, r): r["name"] for r in tuned.runs}
+  assert {r["name"]: tuned_keys.get(key(sweep, r)) for r in sweep.runs
+          if key(sweep, r) in tuned_keys} == {
+              **{f"no-reg/seed{s}": f"no-reg/seed{s}" for s in (0, 1, 2)},
+              **{f"l1_both_last_epoch/seed{s}": f"l1/seed{s}" for s in (0, 1, 2)}}
+  with pytest.raises(ValueError, match="l1 choice"):
+    run_sweep.load_sweep(table("ablations", f"net={net}"), choices={})
+
+
+def write_run(root, name, labels, overrides, paper, strong):
+  run = root / name
+  run.mkdir(parents=True)
+  (run / "run.json").write_text(json.dumps({"name": name, "labels": labels,
+                                            "overrides": {**overrides, "seed": labels["seed"]}}))
+  for file, accuracies in (("results.json", paper), ("results_strong.json", strong)):
+    rows = [{"weight_bits": w, "act_bits": a, "accuracy": accuracies[w, a]}
+            for (w, a) in accuracies]
+    (run / file).write_text(json.dumps({"rows": rows}))
+
+
+def test_curves_pair_against_no_reg_and_pick_the_best_value_within_each_budget(tmp_path):
+  rng = np.random.default_rng(0)
+  settings = [(None, None), (3, 3), (2, 2), (2, 8)]
+  grids = {"l1": [{"reg.lambda_a": a} for a in (0.003, 0.01, 0.03)],
+           "ste-qat": [{"qat.weight_bits": b} for b in (6, 4)]}
+  acc = {}
+  root = tmp_path / "runs"
+  for seed in (0, 1, 2):
+    acc["no-reg", None, seed] = {p: {s: rng.uniform(0.5, 0.93) for s in settings}
+                                 for p in ("paper", "strong")}
+    acc["no-reg", None, seed]["paper"][None, None] = 0.92 + 0.002 * seed
+    for method, grid in grids.items():
+      for i, _ in enumerate(grid):
+        a = {p: {s: rng.uniform(0.1, 0.9) for s in settings} for p in ("paper", "strong")}
+        # float costs growing along the grid: ~0.1, ~0.8, ~3 points
+        a["paper"][None, None] = 0.92 + 0.002 * seed - [0.001, 0.008, 0.03][i] - 0.001 * seed
+        acc[method, i, seed] = a
+  for (method, i, seed), a in acc.items():
+    labels = {"method": method, "seed": seed, **({} if i is None else {"value": i})}
+    write_run(root, f"{method}/{i}/seed{seed}", labels,
+              {} if i is None else grids[method][i], a["paper"], a["strong"])
+  # An unfinished run (no strong results) is left out.
+  (root / "l1/2/seed2" / "results_strong.json").unlink()
+
+  result = curves.curves(str(root))
+  iso = curves.iso_float_cost(result)
+  points = {curves.point_name(p): p for p in curves.POINTS}
+  for method, grid in grids.items():
+    assert [p["value"] for p in result["methods"][method]] == list(range(len(grid)))
+    for p in result["methods"][method]:
+      seeds = [s for s in (0, 1, 2) if (method, p["value"], s) != ("l1", 2, 2)]
+      assert p["seeds"] == seeds
+      naive_cost = [100 * (acc["no-reg", None, s]["paper"][None, None]
+                           - acc[method, p["value"], s]["paper"][None, None]) for s in seeds]
+      np.testing.assert_allclose(list(p["float_cost"]["per_seed"].values()), naive_cost)
+      np.testing.assert_allclose(p["float_cost"]["std"], np.std(naive_cost, ddof=1))
+      for name, (protocol, setting) in points.items():
+        naive = [100 * (acc[method, p["value"], s][protocol][setting]
+                        - acc["no-reg", None, s][protocol][setting]) for s in seeds]
+        np.testing.assert_allclose(p["gain"][name]["mean"], np.mean(naive))
+  # Brute force: over every (method, value), the best mean accuracy among values within budget.
+  for name, (budget, method) in itertools.product(points, itertools.product(curves.BUDGETS, grids)):
+    candidates = [p for p in result["methods"][method] if p["float_cost"]["mean"] <= budget]
+    best = iso[name][str(budget)][method]
+    if not candidates:
+      assert best is None
+      continue
+    top = max(p["accuracy"][name]["mean"] for p in candidates)
+    assert best["accuracy"]["mean"] == top
+  assert iso["strong W2A2"]["0.25"]["l1"]["value"] == 0  # only the first l1 value is that cheap
+  e = curves.ends(result["methods"]["l1"])
+  assert e["low_end"] and e["high_end"]
+  assert not curves.ends(result["methods"]["ste-qat"])["high_end"]
+  text = curves.write_curves(str(root), str(tmp_path / "out"), "toy")
+  assert "| ste-qat | 2 |" in text and "NOT reached" in text
+  with open(tmp_path / "out" / "curves.json") as f:
+    written = json.load(f)
+  assert written["ends"]["ste-qat"]["high_end"] is False
+  assert os.path.getsize(tmp_path / "out" / "curves.png") > 10_000
+
+
+def test_curves_need_no_reg_runs(tmp_path):
+  write_run(tmp_path, "l1/0/seed0", {"method": "l1", "value": 0, "seed": 0}, {},
+            {(None, None): 0.9, (3, 3): 0.5, (2, 2): 0.1, (2, 8): 0.1},
+            {(None, None): 0.9, (3, 3): 0.5, (2, 2): 0.1, (2, 8): 0.1})
+  with pytest.raises(FileNotFoundError, match="No finished no-reg run"):
+    curves.curves(str(tmp_path))
