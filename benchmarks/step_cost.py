@@ -12,7 +12,9 @@ way), all compiled and timed in this process:
   activation gradients and logs the gradient norms);
 - "<impl> f=<f>": the penalized step with each `reg.impl`, the penalty on
   the first fraction f of the batch (reg.penalty_batch_fraction);
-- "multibit k=<k>" (--multibit_k): the multi-bit QAT step at k widths a step.
+- "multibit k=<k>" (--multibit_k): the multi-bit QAT step at k widths a step;
+- "<form> <impl>" (--bound_forms, e.g. bound,layer_bound): the bound-aware penalty (reg.form,
+  qreg.bound) at the config's lambdas and reg.bound_bits, each impl, on the whole batch.
 Steps of all variants are interleaved round by round, so that load from
 other processes slows them alike; each time is the median over rounds. Then
 for each (impl, k, f) the amortized cost of a step under reg.every_k_steps=k,
@@ -37,7 +39,7 @@ from absl import app, flags
 
 from configs import (cifar10_mobilenetv2, cifar10_resnet18, cifar10_vgg, fashion_mnist,
                      fashion_mnist_mobilenetv2, fashion_mnist_resnet18, fashion_mnist_vgg)
-from qreg import cli, models, objectives, parallel, ptq, report, train
+from qreg import bound, cli, models, objectives, parallel, ptq, report, train
 
 # Model name -> (config module giving model, batch size, optimizer and lambdas; input shape).
 BENCHMARKS = {
@@ -68,6 +70,8 @@ _DTYPES = flags.DEFINE_list("dtypes", ["float32"],
 _MULTIBIT_K = flags.DEFINE_list("multibit_k", [],
                                 "Also time multi-bit QAT steps (qat.bit_set = MULTIBIT_BIT_SET) "
                                 "with this many widths a step (qat.bits_per_step).")
+_BOUND_FORMS = flags.DEFINE_list("bound_forms", [],
+                                  "Also time the bound-aware penalty's forms (reg.form).")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per variant (rounds).")
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 3,
                                      "Untimed steps per variant after compiling.")
@@ -141,7 +145,8 @@ def _variant(impl: str, fraction: float) -> str:
 
 def measure_model(name: str, batch_size: int | None, impls: list[str], fractions: list[float],
                   every_k: list[int], steps: int, warmup_steps: int,
-                  dtype: str = "float32", multibit_k: tuple[int, ...] = ()) -> dict:
+                  dtype: str = "float32", multibit_k: tuple[int, ...] = (),
+                  bound_forms: tuple[str, ...] = ()) -> dict:
   """Times the bare, plain and penalized steps for one model computing in `dtype` (float32
   params either way); returns its results row."""
   config_module, image_shape = BENCHMARKS[name]
@@ -171,6 +176,13 @@ def measure_model(name: str, batch_size: int | None, impls: list[str], fractions
       penalties[variant], sub_batches[variant] = train.build_penalty(config.reg), sub_batch
       train_steps[variant] = train.make_train_step(model.apply, optimizer, penalties[variant],
                                                    penalty_sub_batch=sub_batch)
+
+  for form in bound_forms:
+    for impl in impls:
+      reg = config.reg.copy_and_resolve_references()
+      reg.form, reg.impl = form, impl
+      train_steps[f"{form} {impl}"] = train.make_train_step(
+          model.apply, optimizer, train.build_penalty(reg, model, config.quant.per_channel))
 
   setup = ptq.build_quant_setup(config.quant)
   for k in multibit_k:
@@ -276,12 +288,15 @@ def main(argv):
   multibit_k = tuple(int(k) for k in _MULTIBIT_K.value)
   if any(not 1 <= k <= len(MULTIBIT_BIT_SET) for k in multibit_k):
     raise app.UsageError(f"--multibit_k={_MULTIBIT_K.value}: each in 1..{len(MULTIBIT_BIT_SET)}.")
+  unknown = [f for f in _BOUND_FORMS.value if f not in bound.FORMS[1:]]
+  if unknown:
+    raise app.UsageError(f"Unknown --bound_forms {unknown}; expected some of {bound.FORMS[1:]}.")
   for name in _MODELS.value:
     for batch_size in [int(b) for b in _BATCH_SIZES.value] or [None]:
       for dtype in _DTYPES.value:
         results["models"].append(measure_model(name, batch_size, _IMPLS.value, fractions,
                                                every_k, _STEPS.value, _WARMUP_STEPS.value, dtype,
-                                               multibit_k))
+                                               multibit_k, tuple(_BOUND_FORMS.value)))
   table = markdown_table(results)
   print(table)
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)

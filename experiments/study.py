@@ -17,6 +17,7 @@
 | ablations          | the paper's ablations of l1 under the fair protocol (terms, schedule)  |
 | multibit_qat       | multi-bit QAT's tuning and tuned rows beside the tuned table (a grid   |
 |                    | extension), then Table 1                                               |
+| bound_penalty      | the bound-aware penalty's forms (qreg.bound), tuned and run likewise   |
 | tradeoff           | every method's trade-off curve (configs/tables/tradeoff.py), 3 seeds,  |
 |                    | both protocols; curves and the iso-float-cost table                    |
 | table1             | the cross-network Table 1 from the committed tables                    |
@@ -144,6 +145,12 @@ def extend_grids(workdir: str, net: str) -> None:
 
 def multibit_qat(workdir: str, net: str) -> None:
   grid_extension(workdir, net, "multibit")
+  if net in table1.NETWORKS:
+    print(table1.write_table1(), flush=True)
+
+
+def bound_penalty(workdir: str, net: str) -> None:
+  grid_extension(workdir, net, "bound")
   if net in table1.NETWORKS:
     print(table1.write_table1(), flush=True)
 
@@ -302,6 +309,7 @@ STUDIES = {
     "ablations": ablations,
     "tradeoff": tradeoff,
     "multibit_qat": multibit_qat,
+    "bound_penalty": bound_penalty,
     "table1": write_table1,
 }
 

@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from qreg import data, models, objectives, parallel, quant
+from qreg import bound, data, models, objectives, parallel, quant
 
 # (weight_bits, act_bits); None = float. A tuple, so that the command line can override it:
 # --config.quant.bit_settings='((4,4),(2,8))'.
@@ -77,6 +77,14 @@ def base_config() -> ml_collections.ConfigDict:
   # and on the first penalty_batch_fraction of each device's batch (the task loss on all of it).
   config.reg.every_k_steps = 1
   config.reg.penalty_batch_fraction = 1.0
+  # What the penalty measures (qreg.bound, docs/configuration.md): 'uniform' (the paper's raw
+  # gradient norms), 'bound' (the first-order bound of the quantizer at bound_bits on the folded
+  # network: each kernel channel's and tap's own step times its gradient's l1 norm), or
+  # 'layer_bound' (the same steps on the unfolded, train-mode network). bound_steps:
+  # 'stop_gradient' (the steps are constants) or 'differentiated'.
+  config.reg.form = "uniform"
+  config.reg.bound_bits = 4
+  config.reg.bound_steps = "stop_gradient"
 
   # Quantization-aware training with the straight-through estimator from reg.start_epoch
   # on, at these bit-widths (None = float); the STE baseline.
@@ -210,6 +218,27 @@ def _check_multibit_qat(config: ml_collections.ConfigDict) -> None:
                      f"{', '.join(name for name, on in others.items() if on)}.")
 
 
+def _check_bound_form(config: ml_collections.ConfigDict) -> None:
+  _check_choice("reg.form", config.reg.form, bound.FORMS)
+  if config.reg.form == "uniform":
+    return
+  _check_choice("reg.bound_steps", config.reg.bound_steps, bound.STEP_MODES)
+  quant.check_bits(config.reg.bound_bits, "reg.bound_bits")
+  if config.reg.bound_bits is None:
+    raise ValueError(f"reg.form={config.reg.form!r} needs reg.bound_bits, the bit-width whose "
+                     "steps it weights the gradients with.")
+  if config.reg.norm != "l1":
+    raise ValueError(f"reg.form={config.reg.form!r} is an l1 bound; reg.norm="
+                     f"{config.reg.norm!r} applies to the uniform form only.")
+  if config.quant.weight_scheme != "symmetric":
+    raise ValueError(f"reg.form={config.reg.form!r} takes the steps of a symmetric absmax weight "
+                     f"quantizer; quant.weight_scheme={config.quant.weight_scheme!r} is not "
+                     "supported.")
+  if config.qat.weight_bits is not None or config.qat.act_bits is not None:
+    raise ValueError(f"reg.form={config.reg.form!r} with STE QAT (qat.weight_bits/act_bits) is "
+                     "not supported: the bound is taken on the float network.")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ValueError naming the first field whose value cannot work.
 
@@ -243,6 +272,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   quant.check_bits(config.qat.weight_bits, "qat.weight_bits")
   quant.check_bits(config.qat.act_bits, "qat.act_bits")
   _check_multibit_qat(config)
+  _check_bound_form(config)
 
   for name, minimum in (("train.num_epochs", 1), ("train.log_every_steps", 1),
                         ("train.checkpoint_every_steps", 0), ("train.checkpoints_to_keep", 2),

@@ -22,7 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from qreg import checkpoint, data, metrics, models, objectives, parallel, ptq, quant
+from qreg import bound, checkpoint, data, metrics, models, objectives, parallel, ptq, quant
 from qreg import config as config_lib
 
 PyTree = Any
@@ -68,7 +68,8 @@ def create_train_state(rng: jax.Array, model, optimizer: optax.GradientTransform
 
 
 def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
-                    penalty: objectives.Penalty | None, lambda_kurtosis: float = 0.0,
+                    penalty: objectives.Penalty | bound.BoundPenalty | None,
+                    lambda_kurtosis: float = 0.0,
                     penalty_sub_batch: tuple[int, int] | None = None):
   """One optimizer step on a global batch; penalty=None is the plain (unregularized) step.
 
@@ -81,8 +82,9 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
   if penalty is None:
     value_and_grad = functools.partial(objectives.plain_value_and_grad, apply_fn=apply_fn)
   else:
-    value_and_grad = functools.partial(objectives.penalized_value_and_grad, apply_fn=apply_fn,
-                                       penalty=penalty)
+    penalized = (bound.penalized_value_and_grad if isinstance(penalty, bound.BoundPenalty)
+                 else objectives.penalized_value_and_grad)
+    value_and_grad = functools.partial(penalized, apply_fn=apply_fn, penalty=penalty)
     if penalty_sub_batch is not None:
       per_device, num_devices = penalty_sub_batch
       full_batch_value_and_grad = value_and_grad
@@ -196,17 +198,29 @@ def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh, state: TrainSt
                  donate_argnums=0)
 
 
-def build_penalty(reg_config: ml_collections.ConfigDict) -> objectives.Penalty | None:
+def build_penalty(reg_config: ml_collections.ConfigDict, model=None,
+                  per_channel: bool = False) -> objectives.Penalty | bound.BoundPenalty | None:
   """The penalty of a validated config.reg, or None when both weights are zero (the plain step).
 
   Its lambdas are reg.every_k_steps times the config's: applied on one step in
-  k, the penalty keeps its average weight.
+  k, the penalty keeps its average weight. reg.form 'bound' needs the model (its folded
+  clone is what the bound is taken on); per_channel is quant.per_channel, the weight
+  quantizer whose steps the bound forms use.
   """
   if reg_config.lambda_w == 0 and reg_config.lambda_a == 0:
     return None
   k = reg_config.every_k_steps
-  return objectives.Penalty(float(reg_config.lambda_w) * k, float(reg_config.lambda_a) * k,
-                            reg_config.impl, float(reg_config.fd_step), reg_config.norm)
+  lambda_w, lambda_a = float(reg_config.lambda_w) * k, float(reg_config.lambda_a) * k
+  if reg_config.form == "uniform":
+    return objectives.Penalty(lambda_w, lambda_a, reg_config.impl, float(reg_config.fd_step),
+                              reg_config.norm)
+  fold = reg_config.form == "bound"
+  if fold and model is None:
+    raise ValueError("reg.form='bound' needs the model, to fold it.")
+  return bound.BoundPenalty(
+      lambda_w, lambda_a, int(reg_config.bound_bits), bool(per_channel), fold,
+      reg_config.bound_steps == "differentiated", reg_config.impl, float(reg_config.fd_step),
+      model.clone(folded=True).apply if fold else None)
 
 
 class MethodSteps(NamedTuple):
@@ -237,7 +251,7 @@ def build_method_steps(config: ml_collections.ConfigDict, model,
     return MethodSteps(
         lambda widths: make_multibit_train_step(model, optimizer, widths, setup), None, 1,
         widths=lambda step: drawn_widths(seed, step, bit_set, per_step))
-  penalty = build_penalty(config.reg)
+  penalty = build_penalty(config.reg, model, config.quant.per_channel)
   weight_bits, act_bits = config.qat.weight_bits, config.qat.act_bits
   lambda_kurtosis = float(config.reg.lambda_kurtosis)
   if penalty is None and not lambda_kurtosis and weight_bits is None and act_bits is None:
@@ -304,9 +318,11 @@ def _check_finite(summary: dict[str, float], step: int) -> None:
 
 
 def _window_means(window: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Means of a log window's step metrics, fetched from the devices in one transfer."""
+  """Means of a log window's step metrics, fetched from the devices in one transfer; a metric
+  that only some steps log (the bound's terms, on penalized steps) is averaged over those."""
   window = jax.device_get(window)
-  return {k: float(np.mean([m[k] for m in window if k in m])) for k in window[-1]}
+  keys = dict.fromkeys([*window[-1], *(k for m in window for k in m)])
+  return {k: float(np.mean([m[k] for m in window if k in m])) for k in keys}
 
 
 # The cost of a regularized step in plain steps, for the ETA until one has been timed

@@ -315,7 +315,8 @@ def test_tuning_grids_have_equal_budgets_on_the_validation_split(tmp_path):
 
 @pytest.mark.parametrize("arg", ["net=small_cnn", "net=vgg", "net=resnet18,grid=l1_low",
                                  "net=mobilenetv2,grid=low", "net=small_cnn,grid=lazy",
-                                 "net=vgg,grid=lazy", "net=mobilenetv2,grid=multibit"])
+                                 "net=vgg,grid=lazy", "net=mobilenetv2,grid=multibit",
+                                 "net=small_cnn,grid=bound"])
 def test_every_tuning_lists_the_grid_that_tune_reads(arg):
   # experiments.tune finds value i of a method's grid in the run <method>/<i>.
   runs = run_sweep.load_sweep(table("tuning", arg)).runs

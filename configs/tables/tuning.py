@@ -5,6 +5,7 @@ seed, every run measured on the validation split (never the test set).
     --config=configs/tables/tuning.py:net=resnet18,grid=l1_low   a grid extension (EXTENSIONS)
     --config=configs/tables/tuning.py:net=small_cnn,grid=lazy    the k=4, f=1/4 schedule's lambdas
     --config=configs/tables/tuning.py:net=vgg,grid=multibit      multi-bit QAT's grid (any net)
+    --config=configs/tables/tuning.py:net=vgg,grid=bound         the bound-aware penalty's forms
 
 The last 5,000 training images are held out as the validation split; every method acts in the
 last of 4 epochs, warm-started from the same no-reg run at epoch 3. experiments.tune picks each
@@ -57,6 +58,21 @@ def multibit_grid(lowest_widths) -> list[dict]:
 
 
 MULTIBIT_GRID = {"multibit-qat": multibit_grid((5, 4, 3, 2))}
+# The bound-aware penalty (issue 23, qreg.bound): lambda_w = lambda_a = 1, its strength the
+# reference bit-width reg.bound_bits (each bit fewer doubles it), 2 bits apart like the factor-~3
+# grids' spacing squared. Sized on the default run's no-reg checkpoint (SmallCNN, seed 0, one
+# batch): B at 8 bits was 0.48, about the tuned l1 penalty's value there (0.44).
+BOUND_BITS = (12, 10, 8, 6)
+
+
+def bound_grid(form: str, steps: str = "stop_gradient") -> list[dict]:
+  return [{"reg.form": form, "reg.bound_steps": steps, "reg.lambda_w": 1.0, "reg.lambda_a": 1.0,
+           "reg.bound_bits": b} for b in BOUND_BITS]
+
+
+BOUND_GRIDS = {"bound": bound_grid("bound"),
+               "bound-diff": bound_grid("bound", "differentiated"),
+               "layer-bound": bound_grid("layer_bound")}
 # The cheapest lazy schedule (penalty on one step in 4, on a quarter of each batch) gets its own
 # lambdas on the default l1 grid shifted one step down (its penalty gradient is noisier).
 LAZY_GRIDS = {"l1-k4-f0.25": [{"reg.norm": "l1", "reg.lambda_a": a, "reg.lambda_w": a / 10,
@@ -81,8 +97,10 @@ def grids(arg=None) -> dict[str, list[dict]]:
     return LAZY_GRIDS
   if parsed.grid == "multibit":
     return MULTIBIT_GRID
+  if parsed.grid == "bound":
+    return BOUND_GRIDS
   if (parsed.net, parsed.grid) not in EXTENSIONS:
-    raise ValueError(f"grid={parsed.grid!r} on net={parsed.net!r}: expected lazy, multibit, or "
+    raise ValueError(f"grid={parsed.grid!r} on net={parsed.net!r}: expected lazy, multibit, bound, or "
                      f"one of the extensions {sorted(EXTENSIONS)}.")
   return EXTENSIONS[parsed.net, parsed.grid]
 
