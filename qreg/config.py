@@ -126,6 +126,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.quant.adaround = False
   config.quant.adaround_iterations = 1000
   config.quant.adaround_examples = 1024  # calibration images AdaRound reconstructs on
+  # Data-free steps on the folded model before quantizing (Nagel et al. 2019; qreg.equalize):
+  # cross-layer equalization of consecutive layers (MobileNetV2 then runs with ReLU in place of
+  # ReLU6), and bias absorption into the next layer where it is exact.
+  config.quant.cross_layer_equalization = False
+  config.quant.bias_absorption = False
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500

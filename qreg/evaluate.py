@@ -43,12 +43,13 @@ def evaluate_export(config: ml_collections.ConfigDict, workdir: str, path: str) 
   """Accuracy of an export file's weights (and stored activation ranges, if any); written to
   workdir/export_w<bits>[_a<bits>]_results.{json,md}."""
   mesh = _validated_mesh(config)
-  model = models.build_model(config.model, data.num_classes(config.data.name))
+  setup = ptq.build_quant_setup(config.quant)
+  model = ptq.sweep_model(setup, models.build_model(config.model,
+                                                    data.num_classes(config.data.name)))
   params, ranges, header = integer_file.load(path)
   weight_bits = header["weight_bits"]
   pipeline = data.build_input_pipeline(config.data)
-  evaluator = ptq.SweepEvaluator(model, pipeline, mesh, ptq.build_quant_setup(config.quant),
-                                 config.eval.batch_size)
+  evaluator = ptq.SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size)
   if ranges is not None:
     if header["activations"] and any(e["scheme"] != config.quant.act_scheme
                                      for e in header["activations"].values()):

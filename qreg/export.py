@@ -34,12 +34,13 @@ def export_workdir(workdir: str, weight_bits: int, out: str,
   quant.check_bits(weight_bits, "--weight_bits")
   quant.check_bits(act_bits, "--act_bits")
   config, _, variables, model = checkpoint.load_run(workdir)
-  folded = ptq.fold(variables["params"], variables["batch_stats"])
   if config.quant.adaround or config.quant.bias_correction:
     raise ValueError("qreg.export writes rounded-to-nearest kernels; quant.adaround and "
                      "quant.bias_correction are not exported yet.")
   setup = ptq.sweep_setup(config, model,
                           data.image_shape(config.data.name, config.data.image_size))
+  # Folded, and equalized with quant.cross_layer_equalization / quant.bias_absorption.
+  model, folded = ptq.prepare_folded(setup, model, variables["params"], variables["batch_stats"])
   ranges = None
   if act_bits is not None:
     mesh = parallel.make_mesh()

@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from qreg import config as config_lib
-from qreg import parallel, quant, rounding
+from qreg import equalize, parallel, quant, rounding
 from qreg.models import BN_EPSILON
 
 PyTree = Any
@@ -48,6 +48,9 @@ class QuantSetup:
   adaround: bool = False
   adaround_iterations: int = 1000
   adaround_examples: int = 1024
+  # Data-free steps on the folded model first (qreg.equalize).
+  cross_layer_equalization: bool = False
+  bias_absorption: bool = False
 
   def quantize_weights(self, folded_params: PyTree, bits: int | None) -> PyTree:
     return quant.quantize_params(folded_params, bits, scheme=self.weight_scheme,
@@ -60,7 +63,9 @@ class QuantSetup:
 
   def describe(self) -> str:
     rules = [f"{r.pattern}={quant.setting_name(r.bits)}" for r in self.weight_rules]
-    steps = [name for name, on in (("bias correction", self.bias_correction),
+    steps = [name for name, on in (("cross-layer equalization", self.cross_layer_equalization),
+                                   ("bias absorption", self.bias_absorption),
+                                   ("bias correction", self.bias_correction),
                                    (f"AdaRound ({self.adaround_iterations} iterations)",
                                     self.adaround)) if on]
     return (f"{self.weight_scheme} {'per-channel' if self.per_channel else 'per-tensor'} weights"
@@ -89,7 +94,9 @@ def build_quant_setup(quant_config: ml_collections.ConfigDict,
       first_last_bits=quant_config.first_last_bits,
       bias_correction=bool(quant_config.bias_correction), adaround=bool(quant_config.adaround),
       adaround_iterations=int(quant_config.adaround_iterations),
-      adaround_examples=int(quant_config.adaround_examples))
+      adaround_examples=int(quant_config.adaround_examples),
+      cross_layer_equalization=bool(quant_config.cross_layer_equalization),
+      bias_absorption=bool(quant_config.bias_absorption))
 
 
 def sweep_setup(config: ml_collections.ConfigDict, model, image_shape: Sequence[int]
@@ -121,6 +128,26 @@ def kernel_call_order(model, image_shape: Sequence[int]) -> list[str]:
 def fold(params: PyTree, batch_stats: PyTree) -> PyTree:
   """params with BatchNorm folded into the kernels and biases, as the sweep quantizes them."""
   return quant.fold_batch_norm(params, batch_stats, BN_EPSILON)
+
+
+def sweep_model(setup: QuantSetup, model):
+  """The model the sweep runs the folded params in: with equalization, the one it is exact for
+  (MobileNetV2 with ReLU in place of ReLU6)."""
+  if setup.cross_layer_equalization or setup.bias_absorption:
+    return equalize.equalizable_model(model)
+  return model
+
+
+def prepare_folded(setup: QuantSetup, model, params: PyTree, batch_stats: PyTree):
+  """(model, folded params) as the sweep quantizes them: BatchNorm folded, then equalized and
+  with biases absorbed when the setup asks (the model is then equalize.equalizable_model's)."""
+  folded = fold(params, batch_stats)
+  if not (setup.cross_layer_equalization or setup.bias_absorption):
+    return model, folded
+  model = sweep_model(setup, model)
+  return model, equalize.equalize_model(model, params, folded,
+                                        equalize=setup.cross_layer_equalization,
+                                        absorb=setup.bias_absorption)
 
 
 def _replicate(tree: PyTree, mesh) -> PyTree:
@@ -384,7 +411,7 @@ def sweep(config: ml_collections.ConfigDict, setup: QuantSetup, model, params: P
   """The sweep of config.quant (its setup: sweep_setup) on one trained model: yields
   ('rows', row) for each bit setting, then ('sensitivity', row) for each layer when
   quant.sensitivity_bits is set."""
-  folded_params = fold(params, batch_stats)
+  model, folded_params = prepare_folded(setup, model, params, batch_stats)
   evaluator = SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size,
                              config.eval.split)
   for row in evaluate_bit_settings(evaluator, folded_params,

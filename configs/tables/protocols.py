@@ -5,6 +5,8 @@
 - strong: per-channel weights, MSE-optimal activation ranges, the first and
   last layer at 8 bits, empirical bias correction.
 - strong+adaround: strong with AdaRound rounding (Nagel et al. 2020).
+- cle, cle+bias_correction: the paper protocol after cross-layer equalization and bias
+  absorption (Nagel et al. 2019), then with empirical bias correction.
 
 LADDER adds one step at a time, to show what each buys.
 """
@@ -12,7 +14,12 @@ PAPER = {}
 STRONG = {"quant.per_channel": True, "quant.calibration": "mse", "quant.first_last_bits": 8,
           "quant.bias_correction": True}
 STRONG_ADAROUND = {**STRONG, "quant.adaround": True}
-PROTOCOLS = {"paper": PAPER, "strong": STRONG, "strong+adaround": STRONG_ADAROUND}
+# Data-free fixes of per-tensor quantization (Nagel et al. 2019; qreg.equalize): cross-layer
+# equalization with bias absorption, then with empirical bias correction too.
+CLE = {"quant.cross_layer_equalization": True, "quant.bias_absorption": True}
+CLE_BIAS_CORRECTION = {**CLE, "quant.bias_correction": True}
+PROTOCOLS = {"paper": PAPER, "strong": STRONG, "strong+adaround": STRONG_ADAROUND,
+             "cle": CLE, "cle+bias_correction": CLE_BIAS_CORRECTION}
 
 LADDER = [
     ("paper", {}),
@@ -21,6 +28,13 @@ LADDER = [
     ("+ 8-bit first/last", {"quant.first_last_bits": 8}),
     ("+ bias correction", {"quant.bias_correction": True}),
     ("+ AdaRound", {"quant.adaround": True}),
+]
+# The same, one data-free step at a time from the paper protocol (per-tensor throughout).
+CLE_LADDER = [
+    ("paper", {}),
+    ("+ CLE", {"quant.cross_layer_equalization": True}),
+    ("+ bias absorption", {"quant.bias_absorption": True}),
+    ("+ bias correction", {"quant.bias_correction": True}),
 ]
 # Down to 2 bits: the strong protocol moves where methods differ to lower widths.
 LOW_BIT_SETTINGS = ((None, None), (8, 8), (6, 6), (5, 5), (4, 4), (3, 3), (2, 2),

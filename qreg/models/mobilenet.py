@@ -52,17 +52,19 @@ class InvertedResidual(nn.Module):
   act_straight_through: bool = False
   folded: bool = False
   dtype: Any = None  # the computation's dtype (model.dtype); params stay float32
+  relu6: bool = True  # False: ReLU, for cross-layer equalization (qreg.equalize)
 
   @nn.compact
   def __call__(self, x, train: bool):
+    act = nn.relu6 if self.relu6 else nn.relu
     y = x
     if self.expansion != 1:
       y = ConvBN(x.shape[-1] * self.expansion, (1, 1), folded=self.folded, dtype=self.dtype,
                  name="expand")(y, train)
-      y = activation_tap(self, "expand_act")(nn.relu6(y))
+      y = activation_tap(self, "expand_act")(act(y))
     y = ConvBN(y.shape[-1], strides=(self.strides, self.strides), depthwise=True,
                folded=self.folded, dtype=self.dtype, name="depthwise")(y, train)
-    y = activation_tap(self, "depthwise_act")(nn.relu6(y))
+    y = activation_tap(self, "depthwise_act")(act(y))
     y = ConvBN(self.features, (1, 1), folded=self.folded, dtype=self.dtype,
                name="project")(y, train)
     y = activation_tap(self, "project_act", signed=True)(y)
@@ -83,9 +85,11 @@ class MobileNetV2(nn.Module):
   act_straight_through: bool = False
   folded: bool = False
   dtype: Any = None  # the computation's dtype (model.dtype); params stay float32
+  relu6: bool = True  # False: ReLU in its place, for cross-layer equalization (qreg.equalize)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    act = nn.relu6 if self.relu6 else nn.relu
     if self.stem not in STEM_STRIDES:
       raise ValueError(f"Unknown MobileNetV2 stem {self.stem!r}; expected one of "
                        f"{tuple(STEM_STRIDES)}.")
@@ -93,18 +97,18 @@ class MobileNetV2(nn.Module):
     x = ConvBN(make_divisible(STEM_CHANNELS * self.width_multiplier),
                strides=(stem_stride, stem_stride),
                folded=self.folded, dtype=self.dtype, name="stem")(x, train)
-    x = activation_tap(self, "stem_act")(nn.relu6(x))
+    x = activation_tap(self, "stem_act")(act(x))
     for stage, (expansion, channels, num_blocks, strides) in enumerate(self.stages):
       if stage in stride_1_stages:
         strides = 1
       for block in range(num_blocks):
         x = InvertedResidual(make_divisible(channels * self.width_multiplier), expansion,
                              strides if block == 0 else 1, self.act_bits, self.act_scheme,
-                             self.act_straight_through, self.folded, self.dtype,
+                             self.act_straight_through, self.folded, self.dtype, self.relu6,
                              name=f"stage{stage + 1}_block{block + 1}")(x, train)
     last_channels = (make_divisible(LAST_CHANNELS * self.width_multiplier)
                      if self.width_multiplier > 1.0 else LAST_CHANNELS)
     x = ConvBN(last_channels, (1, 1), folded=self.folded, dtype=self.dtype, name="last")(x, train)
-    x = activation_tap(self, "last_act")(nn.relu6(x))
+    x = activation_tap(self, "last_act")(act(x))
     x = x.mean(axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
