@@ -1,6 +1,7 @@
 """Integer export: store the float model once, ship it at whatever bit-width a device needs.
 
     python -m qreg.export --workdir=<dir> --weight_bits=4 [--act_bits=8] --out=<file>
+    python -m qreg.export --format=onnx --workdir=<dir> --weight_bits=4 --act_bits=4 --out=m.onnx
 
 folds BatchNorm into the last checkpoint's layers and writes the kernels as
 b-bit integers packed into bytes with their scales (and zero points for the
@@ -21,16 +22,23 @@ import jax
 import numpy as np
 from absl import flags
 
-from qreg import checkpoint, cli, data, integer_file, parallel, ptq, quant
+from qreg import checkpoint, cli, data, integer_file, onnx_export, parallel, ptq, quant, report
 from qreg import config as config_lib
 
 
+FORMATS = ("npz", "onnx")
+
+
 def export_workdir(workdir: str, weight_bits: int, out: str,
-                   act_bits: int | None = None) -> dict[str, int]:
+                   act_bits: int | None = None, file_format: str = "npz") -> dict[str, int]:
   """Exports the workdir's last checkpoint to `out`; returns sizes in bytes.
 
-  Needs only the workdir, plus the training data's calibration batches when act_bits is set.
+  file_format: 'npz', the packed integer file (docs/export.md), or 'onnx', a QDQ graph that
+  onnxruntime runs (qreg.onnx_export). Needs only the workdir, plus the training data's
+  calibration batches when act_bits is set.
   """
+  if file_format not in FORMATS:
+    raise ValueError(f"--format={file_format!r}: expected one of {FORMATS}.")
   quant.check_bits(weight_bits, "--weight_bits")
   quant.check_bits(act_bits, "--act_bits")
   config, _, variables, model = checkpoint.load_run(workdir)
@@ -41,24 +49,34 @@ def export_workdir(workdir: str, weight_bits: int, out: str,
                           data.image_shape(config.data.name, config.data.image_size))
   # Folded, and equalized with quant.cross_layer_equalization / quant.bias_absorption.
   model, folded = ptq.prepare_folded(setup, model, variables["params"], variables["batch_stats"])
-  ranges = None
+  ranges, samples = None, None
   if act_bits is not None:
     mesh = parallel.make_mesh()
     config_lib.validate(config, mesh.devices.size)
     evaluator = ptq.SweepEvaluator(model, data.build_input_pipeline(config.data), mesh, setup,
                                    config.eval.batch_size)
-    ranges = evaluator.activation_ranges(setup.quantize_weights(folded, weight_bits), act_bits)
-  integer_file.save(out, integer_file.export_arrays(
-      setup.weight_integers(folded, weight_bits), quantization=setup.describe(),
-      weight_bits=weight_bits, act_bits=act_bits, act_scheme=setup.act_scheme,
-      activation_ranges=ranges))
+    qparams = setup.quantize_weights(folded, weight_bits)
+    samples = evaluator.calibration_samples(qparams)
+    ranges = evaluator.activation_ranges(qparams, act_bits, samples)
+  integers = setup.weight_integers(folded, weight_bits)
+  if file_format == "onnx":
+    graph = onnx_export.build(
+        model, integers, data.image_shape(config.data.name, config.data.image_size), act_bits,
+        ranges, onnx_export.tap_schemes(samples) if samples is not None else {})
+    with report.atomic_file(out, "wb") as f:
+      f.write(graph.SerializeToString())
+  else:
+    integer_file.save(out, integer_file.export_arrays(
+        integers, quantization=setup.describe(), weight_bits=weight_bits, act_bits=act_bits,
+        act_scheme=setup.act_scheme, activation_ranges=ranges))
   float_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(folded))
   return {"export_bytes": os.path.getsize(out), "float_params_bytes": float_bytes}
 
 
-def main(workdir: str, weight_bits: int, out: str, act_bits: int | None) -> None:
+def main(workdir: str, weight_bits: int, out: str, act_bits: int | None,
+         file_format: str = "npz") -> None:
   cli.configure_logging()
-  sizes = export_workdir(workdir, weight_bits, out, act_bits)
+  sizes = export_workdir(workdir, weight_bits, out, act_bits, file_format)
   print(f"Wrote {out}: {sizes['export_bytes']:,} bytes; float32 folded params "
         f"{sizes['float_params_bytes']:,} bytes (ratio "
         f"{sizes['export_bytes'] / sizes['float_params_bytes']:.3f}, "
@@ -73,5 +91,8 @@ if __name__ == "__main__":
   _ACT_BITS = flags.DEFINE_integer("act_bits", None,
                                    "Also store activation ranges for this bit-width (calibrated "
                                    "on training batches).")
-  _OUT = flags.DEFINE_string("out", None, "Output file (.npz).", required=True)
-  cli.run(lambda argv: main(_WORKDIR.value, _WEIGHT_BITS.value, _OUT.value, _ACT_BITS.value))
+  _OUT = flags.DEFINE_string("out", None, "Output file (.npz or .onnx).", required=True)
+  _FORMAT = flags.DEFINE_enum("format", "npz", list(FORMATS),
+                              "npz: the packed integer file; onnx: a QDQ graph for onnxruntime.")
+  cli.run(lambda argv: main(_WORKDIR.value, _WEIGHT_BITS.value, _OUT.value, _ACT_BITS.value,
+                            _FORMAT.value))

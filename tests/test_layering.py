@@ -18,7 +18,7 @@ LAYERS = [
     # results files, metric logs
     "report", "metrics",
     # config validation, post-training quantization, the export format
-    "config", "ptq", "integer_file",
+    "config", "ptq", "integer_file", "onnx_export",
     # workdir: checkpoints, config.json, lock, Preempted, load_run
     "checkpoint",
     # loop

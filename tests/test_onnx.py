@@ -1,0 +1,190 @@
+"""ONNX export (qreg.onnx_export): onnxruntime on the exported QDQ graph against qreg's own
+fake-quantized model and the sweep."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from qreg import checkpoint, data, export, onnx_export, ptq, quant
+from qreg import config as config_lib
+from qreg.models import BN_EPSILON, MobileNetV2, ResNet18, SmallCNN
+
+MODELS_SMALL_CNN = SmallCNN(num_classes=5, widths=(4, 8), pool_after=(True, True), hidden=8)
+
+
+def run_onnx(path_or_model, images: np.ndarray, optimize: bool = True) -> np.ndarray:
+  """onnxruntime's output; optimize=False runs the graph as written (no QDQ fusion into
+  integer kernels)."""
+  model = path_or_model if isinstance(path_or_model, str) else path_or_model.SerializeToString()
+  options = ort.SessionOptions()
+  if not optimize:
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+  session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+  return session.run(None, {"images": np.asarray(images, np.float32)})[0]
+
+
+def test_a_4_bit_small_cnn_in_onnxruntime_gets_the_sweeps_predictions(reference_copy, tmp_path):
+  # The graph as written (no graph optimization) computes the sweep's model: every tap's codes
+  # equal, the logits within float32 summation order, the same predictions and accuracy.
+  # onnxruntime's default optimizations fuse the QDQ pairs into integer kernels whose
+  # requantization rounds differently (on this run 761 of 125,440 codes at the second tap moved
+  # one step); they may move a prediction, and are checked loosely.
+  path = str(tmp_path / "model.onnx")
+  export.export_workdir(reference_copy, 4, path, act_bits=4, file_format="onnx")
+  graph = onnx.load(path)
+  ops = [node.op_type for node in graph.graph.node]
+  assert ops.count("QuantizeLinear") == 4  # one per tap: act1..act4
+  assert ops.count("DequantizeLinear") == 4 + 5  # the taps, and the five kernels
+  config = checkpoint.read_run_config(reference_copy)
+  pipeline = data.build_input_pipeline(config.data)
+  images, labels = [], []
+  for batch in pipeline.eval_batches(config.eval.batch_size, split="test"):
+    real = batch["mask"] > 0  # the last batch is padded
+    images.append(batch["image"][real])
+    labels.append(batch["label"][real])
+  images, labels = np.concatenate(images), np.concatenate(labels)
+  outputs = run_onnx(path, images, optimize=False)
+  predictions = outputs.argmax(-1)
+  with open(os.path.join(reference_copy, "results.json")) as f:
+    sweep = {(r["weight_bits"], r["act_bits"]): r["accuracy"] for r in json.load(f)["rows"]}
+  assert float(np.mean(predictions == labels)) == sweep[4, 4]
+  run = checkpoint.load_run(reference_copy)
+  setup = ptq.sweep_setup(config, run.model, pipeline.info.image_shape)
+  qparams = setup.quantize_weights(ptq.fold(run.variables["params"],
+                                            run.variables["batch_stats"]), 4)
+  evaluator = ptq.SweepEvaluator(run.model, pipeline, ptq.parallel.make_mesh(), setup,
+                                 config.eval.batch_size)
+  logits = run.model.clone(folded=True, act_bits=4, act_scheme=setup.act_scheme).apply(
+      {"params": qparams, "activation_ranges": evaluator.activation_ranges(qparams, 4)}, images,
+      train=False)
+  np.testing.assert_array_equal(predictions, np.asarray(logits).argmax(-1))
+  np.testing.assert_allclose(outputs, logits, rtol=1e-5, atol=1e-5)
+  fused = run_onnx(path, images).argmax(-1)
+  assert int(np.sum(fused != predictions)) <= 3
+
+
+def _dyadic(model, shape, bits, seed=0):
+  """Folded params, images and tap ranges whose every value, product and sum is exact in
+  float32: integer codes with power-of-two scales. Any order of summation then gives the same
+  numbers, so onnxruntime and XLA must agree bit for bit."""
+  rng = np.random.default_rng(seed)
+  variables = model.init(jax.random.key(seed), jnp.zeros(shape), train=False)
+  folded = quant.fold_batch_norm(variables["params"], variables["batch_stats"], BN_EPSILON)
+  qmax = 2 ** (bits - 1) - 1
+
+  def dyadic(path, leaf):
+    if path[-1].key == "kernel":
+      codes = rng.integers(-qmax, qmax + 1, leaf.shape)
+      codes.reshape(-1, leaf.shape[-1])[0] = qmax  # absmax = qmax / 8 in every channel
+      return jnp.asarray(codes / 8.0, jnp.float32)
+    return jnp.asarray(rng.integers(-8, 9, leaf.shape) / 4.0, jnp.float32)
+
+  folded = jax.tree_util.tree_map_with_path(dyadic, folded)
+  images = jnp.asarray(rng.integers(-4, 5, (32, *shape[1:])) / 4.0, jnp.float32)
+  return folded, images
+
+
+@pytest.mark.parametrize("name,model", [
+    ("small_cnn", MODELS_SMALL_CNN),
+    ("resnet18", ResNet18(num_classes=5, widths=(4, 4, 8, 8))),
+    ("mobilenetv2", MobileNetV2(num_classes=5, width_multiplier=0.25)),
+])
+@pytest.mark.parametrize("bits,per_channel", [(4, False), (8, True)])
+def test_the_qdq_graph_computes_the_sweeps_quantized_model_exactly(name, model, bits,
+                                                                    per_channel):
+  del name
+  shape = (1, 16, 16, 1 if isinstance(model, type(MODELS_SMALL_CNN)) else 3)
+  folded, images = _dyadic(model, shape, bits)
+  base = config_lib.base_config()
+  base.quant.per_channel = per_channel
+  setup = ptq.build_quant_setup(base.quant)
+  qparams = setup.quantize_weights(folded, bits)
+  samples = ptq._activation_samples(  # pylint: disable=protected-access
+      model.clone(folded=True, act_scheme=setup.act_scheme).apply, {"params": qparams}, images)
+  schemes = onnx_export.tap_schemes(samples)
+  # Power-of-two ranges: every tap's scale and zero point are exact too.
+  ranges = jax.tree.map(lambda _: None, ptq.activation_ranges(samples, bits, setup))
+  ranges = {tap: _power_of_two_range(bits, schemes[tap]) for tap in schemes}
+  ranges = _nest(ranges)
+  graph = onnx_export.build(model, setup.weight_integers(folded, bits), shape[1:], bits, ranges,
+                            schemes)
+  expected = np.asarray(model.clone(folded=True, act_bits=bits, act_scheme=setup.act_scheme).apply(
+      {"params": qparams, "activation_ranges": ranges}, images, train=False))
+  np.testing.assert_array_equal(run_onnx(graph, images, optimize=False), expected)
+
+
+def _power_of_two_range(bits, scheme):
+  if scheme == "symmetric":  # scale 1/4
+    return {"min": jnp.float32(-(2 ** (bits - 1) - 1) / 4), "max": jnp.float32((2 ** (bits - 1) - 1) / 4)}
+  return {"min": jnp.float32(0.0), "max": jnp.float32((2 ** bits - 1) / 4)}  # scale 1/4
+
+
+def _nest(flat):
+  tree = {}
+  for name, leaf in flat.items():
+    *parents, last = name.split("/")
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[last] = leaf
+  return tree
+
+
+def _random_folded(model, shape, seed=0):
+  rng = np.random.default_rng(seed)
+  variables = model.init(jax.random.key(seed), jnp.zeros(shape), train=False)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, v: v + (0.1 * rng.normal(size=v.shape) if path[-1].key in ("bias", "scale")
+                           else 0), variables["params"])
+  stats = jax.tree_util.tree_map_with_path(
+      lambda path, v: jnp.asarray(rng.uniform(0.5, 2.0, v.shape) if path[-1].key == "var"
+                                  else 0.1 * rng.normal(size=v.shape), jnp.float32),
+      variables["batch_stats"])
+  return quant.fold_batch_norm(params, stats, BN_EPSILON), jnp.asarray(
+      rng.normal(size=(64, *shape[1:])), jnp.float32)
+
+
+@pytest.mark.parametrize("name,model,bits,per_channel", [
+    ("resnet18", ResNet18(num_classes=5, widths=(8, 8, 16, 16)), 8, False),
+    ("resnet18_imagenet_stem", ResNet18(num_classes=5, stem="imagenet", widths=(8, 8, 16, 16)), 4,
+     True),
+    ("mobilenetv2", MobileNetV2(num_classes=5, width_multiplier=0.25), 8, True),
+])
+def test_residual_networks_match_qregs_quantized_model(name, model, bits, per_channel):
+  del name
+  folded, images = _random_folded(model, (1, 16, 16, 3))
+  base = config_lib.base_config()
+  base.quant.per_channel = per_channel
+  setup = ptq.build_quant_setup(base.quant)
+  qparams = setup.quantize_weights(folded, bits)
+  apply = model.clone(folded=True, act_bits=bits, act_scheme=setup.act_scheme).apply
+  samples = ptq._activation_samples(  # pylint: disable=protected-access
+      model.clone(folded=True, act_scheme=setup.act_scheme).apply, {"params": qparams}, images)
+  ranges = ptq.activation_ranges(samples, bits, setup)
+  schemes = onnx_export.tap_schemes(samples)
+  if isinstance(model, MobileNetV2):
+    assert schemes["stage3_block2/residual_act"] == "symmetric"  # a signed tap
+    assert schemes["stage3_block2/expand_act"] == "asymmetric"
+  graph = onnx_export.build(model, setup.weight_integers(folded, bits), (16, 16, 3), bits, ranges,
+                            schemes)
+  expected = np.asarray(apply({"params": qparams, "activation_ranges": ranges}, images,
+                              train=False))
+  got = run_onnx(graph, images, optimize=False)
+  differing = int(np.sum(got.argmax(-1) != expected.argmax(-1)))
+  assert differing == 0, f"{differing} of {len(images)} predictions differ"
+  # Float summation order may put a value on the other side of a grid's half-way mark, one
+  # code apart (MobileNetV2's ~50 random layers: a few examples); the dyadic test shows the
+  # quantization itself is exact.
+  np.testing.assert_allclose(got, expected, rtol=1e-2, atol=1e-2)
+
+
+def test_unknown_models_and_formats_are_refused(reference_copy, tmp_path):
+  with pytest.raises(ValueError, match="--format='tflite'"):
+    export.export_workdir(reference_copy, 4, str(tmp_path / "m"), file_format="tflite")
+  with pytest.raises(ValueError, match="built-in models"):
+    onnx_export.build(object(), {}, (28, 28, 1), None, None, {})
