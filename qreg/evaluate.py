@@ -51,10 +51,13 @@ def evaluate_export(config: ml_collections.ConfigDict, workdir: str, path: str) 
   pipeline = data.build_input_pipeline(config.data)
   evaluator = ptq.SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size)
   if ranges is not None:
-    if header["activations"] and any(e["scheme"] != config.quant.act_scheme
-                                     for e in header["activations"].values()):
-      raise ValueError(f"{path} quantizes activations with another scheme than "
-                       f"quant.act_scheme={config.quant.act_scheme!r}.")
+    schemes = ptq.model_tap_schemes(model, setup, pipeline.info.image_shape)
+    differing = sorted(name for name, e in header["activations"].items()
+                       if e["scheme"] != schemes.get(name))
+    if differing:
+      raise ValueError(f"{path} quantizes the activations at {', '.join(differing)} with "
+                       f"another scheme than the model does there (quant.act_scheme="
+                       f"{config.quant.act_scheme!r}; signed taps are symmetric).")
     rows = [{"weight_bits": weight_bits, "act_bits": header["act_bits"],
              "accuracy": evaluator.accuracy(params, header["act_bits"], ranges=ranges)}]
   else:

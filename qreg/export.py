@@ -62,13 +62,14 @@ def export_workdir(workdir: str, weight_bits: int, out: str,
   if file_format == "onnx":
     graph = onnx_export.build(
         model, integers, data.image_shape(config.data.name, config.data.image_size), act_bits,
-        ranges, onnx_export.tap_schemes(samples) if samples is not None else {})
+        ranges, ptq.tap_schemes(samples, setup) if samples is not None else {})
     with report.atomic_file(out, "wb") as f:
       f.write(graph.SerializeToString())
   else:
     integer_file.save(out, integer_file.export_arrays(
         integers, quantization=setup.describe(), weight_bits=weight_bits, act_bits=act_bits,
-        act_scheme=setup.act_scheme, activation_ranges=ranges))
+        act_schemes=ptq.tap_schemes(samples, setup) if samples is not None else None,
+        activation_ranges=ranges))
   float_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(folded))
   return {"export_bytes": os.path.getsize(out), "float_params_bytes": float_bytes}
 

@@ -5,6 +5,7 @@ An uncompressed .npz (numpy's zip of .npy arrays) with one entry per array and a
 `index.json` entry (UTF-8 JSON bytes as uint8) describing them.
 """
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -56,10 +57,11 @@ def _is_range(node) -> bool:
 
 
 def export_arrays(weight_integers: PyTree, *, quantization: str, weight_bits: int,
-                  act_bits: int | None = None, act_scheme: str = "asymmetric",
+                  act_bits: int | None = None, act_schemes: Mapping[str, str] | None = None,
                   activation_ranges: PyTree | None = None) -> dict[str, np.ndarray]:
   """The file's entries from folded params whose kernels are `quant.Quantized` (QuantSetup.
-  weight_integers) and, when act_bits is set, the calibrated `activation_ranges` collection."""
+  weight_integers) and, when act_bits is set, the calibrated `activation_ranges` collection
+  with each tap's own scheme (act_schemes, 'tap/path' -> scheme: ptq.tap_schemes)."""
   arrays, leaves = {}, {}
   for name, leaf in _flat(weight_integers, lambda x: isinstance(x, quant.Quantized)).items():
     if isinstance(leaf, quant.Quantized):
@@ -76,6 +78,7 @@ def export_arrays(weight_integers: PyTree, *, quantization: str, weight_bits: in
   activations = {}
   if act_bits is not None:
     for name, point in _flat(activation_ranges, _is_range).items():
+      act_scheme = act_schemes[name]
       low, high = float(point["min"]), float(point["max"])
       q = quant.quantize_with_range(np.zeros((), np.float32), np.float32(low), np.float32(high), act_bits,
                                     act_scheme)

@@ -251,20 +251,3 @@ def build(model, weight_integers: PyTree, image_shape: tuple[int, ...], act_bits
                      f"mobilenetv2), not {type(model).__name__}.")
   b = GraphBuilder(tuple(image_shape), act_bits, ranges, schemes)
   return b.model(builder(b, model, weight_integers), type(model).__name__)
-
-
-def tap_schemes(samples: PyTree) -> dict[str, str]:
-  """Each tap's scheme ('tap/path' -> 'symmetric' | 'asymmetric'), from calibration samples
-  (ptq's activation_stats: signed taps are marked symmetric)."""
-  schemes = {}
-
-  def walk(node, prefix):
-    if isinstance(node, Mapping) and "symmetric" in node:
-      schemes["/".join(prefix)] = ("symmetric" if bool(np.asarray(node["symmetric"]).any())
-                                   else "asymmetric")
-      return
-    for key, value in node.items():
-      walk(value, prefix + (key,))
-
-  walk(samples, ())
-  return schemes

@@ -110,19 +110,27 @@ def sweep_setup(config: ml_collections.ConfigDict, model, image_shape: Sequence[
 
 
 def kernel_call_order(model, image_shape: Sequence[int]) -> list[str]:
-  """The model's kernel paths in the order its layers run (params are created in call
-  order; a restored checkpoint's dicts may be sorted instead)."""
+  """The model's kernel paths in the order its layers run, recorded by intercepting the calls
+  of the folded model's modules: a params dict's key order is not the call order (Flax sorts
+  it: ResNet-18's 'head' came before 'stage1_block1' and 'stem' last)."""
+  folded = model.clone(folded=True)
+  shapes = jax.eval_shape(lambda: folded.init(jax.random.key(0),
+                                              jnp.zeros((1, *image_shape)), train=False))
+  kernels = {"/".join(quant.path_names(path)[:-1])
+             for path, _ in jax.tree_util.tree_leaves_with_path(shapes["params"])
+             if quant.path_names(path)[-1] == "kernel"}
+  order = []
 
-  def walk(tree, prefix):
-    for key, value in tree.items():
-      if isinstance(value, Mapping):
-        yield from walk(value, prefix + (key,))
-      elif key == "kernel":
-        yield "/".join(prefix + (key,))
+  def interceptor(next_fun, args, kwargs, context):
+    name = "/".join(context.module.path)
+    if context.method_name == "__call__" and name in kernels and name not in order:
+      order.append(name)
+    return next_fun(*args, **kwargs)
 
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
-                                             train=False))
-  return list(walk(shapes["params"], ()))
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda: folded.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                                       train=False))
+  return [f"{name}/kernel" for name in order]
 
 
 def fold(params: PyTree, batch_stats: PyTree) -> PyTree:
@@ -196,17 +204,46 @@ def collect_activation_samples(apply_fn: Callable, variables: PyTree,
   return jax.tree.map(lambda *xs: np.concatenate(xs), *per_batch)
 
 
+def _tap_scheme(point_samples, setup: QuantSetup) -> str:
+  """A tap's scheme: symmetric where the model marks it (signed taps), else setup.act_scheme."""
+  return "symmetric" if bool(np.asarray(point_samples["symmetric"]).reshape(-1)[0]) else (
+      setup.act_scheme)
+
+
+def _is_point(x) -> bool:
+  return isinstance(x, dict) and "samples" in x
+
+
+def tap_schemes(samples: PyTree, setup: QuantSetup) -> dict[str, str]:
+  """{'tap/path': its scheme} from calibration samples (collect_activation_samples)."""
+  leaves = jax.tree_util.tree_leaves_with_path(samples, is_leaf=_is_point)
+  return {"/".join(quant.path_names(path)): _tap_scheme(point, setup) for path, point in leaves}
+
+
+def model_tap_schemes(model, setup: QuantSetup, image_shape: Sequence[int]) -> dict[str, str]:
+  """{'tap/path': its scheme} of a model's folded forward, from one forward on zeros."""
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                                                train=False))
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["params"])
+  folded = fold(params, jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
+                                     variables.get("batch_stats", {})))
+  _, state = model.clone(folded=True, act_scheme=setup.act_scheme).apply(
+      {"params": folded}, jnp.zeros((1, *image_shape)), train=False, mutable=["activation_stats"])
+  samples = jax.tree.map(lambda sown: sown[0], state["activation_stats"],
+                         is_leaf=lambda x: isinstance(x, tuple))
+  return tap_schemes(samples, setup)
+
+
 def activation_ranges(samples: PyTree, bits: int, setup: QuantSetup) -> PyTree:
   """The `activation_ranges` collection: {point: {'min', 'max'}} by setup.calibration."""
 
   def point_range(point_samples):
-    scheme = "symmetric" if bool(point_samples["symmetric"][0]) else setup.act_scheme
+    scheme = _tap_scheme(point_samples, setup)
     low, high = quant.calibrate_range(point_samples["samples"], setup.calibration, bits,
                                       scheme, setup.percentile)
     return {"min": jnp.float32(low), "max": jnp.float32(high)}
 
-  return jax.tree.map(point_range, samples,
-                      is_leaf=lambda x: isinstance(x, dict) and "samples" in x)
+  return jax.tree.map(point_range, samples, is_leaf=_is_point)
 
 
 def _capture_layer(model, params: PyTree, images: jax.Array, path: tuple[str, ...]):

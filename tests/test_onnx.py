@@ -106,7 +106,7 @@ def test_the_qdq_graph_computes_the_sweeps_quantized_model_exactly(name, model, 
   qparams = setup.quantize_weights(folded, bits)
   samples = ptq._activation_samples(  # pylint: disable=protected-access
       model.clone(folded=True, act_scheme=setup.act_scheme).apply, {"params": qparams}, images)
-  schemes = onnx_export.tap_schemes(samples)
+  schemes = ptq.tap_schemes(samples, setup)
   # Power-of-two ranges: every tap's scale and zero point are exact too.
   ranges = jax.tree.map(lambda _: None, ptq.activation_ranges(samples, bits, setup))
   ranges = {tap: _power_of_two_range(bits, schemes[tap]) for tap in schemes}
@@ -166,7 +166,7 @@ def test_residual_networks_match_qregs_quantized_model(name, model, bits, per_ch
   samples = ptq._activation_samples(  # pylint: disable=protected-access
       model.clone(folded=True, act_scheme=setup.act_scheme).apply, {"params": qparams}, images)
   ranges = ptq.activation_ranges(samples, bits, setup)
-  schemes = onnx_export.tap_schemes(samples)
+  schemes = ptq.tap_schemes(samples, setup)
   if isinstance(model, MobileNetV2):
     assert schemes["stage3_block2/residual_act"] == "symmetric"  # a signed tap
     assert schemes["stage3_block2/expand_act"] == "asymmetric"

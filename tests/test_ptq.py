@@ -6,7 +6,7 @@ import pytest
 
 from qreg import config as config_lib
 from qreg import data, parallel, ptq, quant
-from qreg.models import BN_EPSILON, SmallCNN
+from qreg.models import BN_EPSILON, MobileNetV2, ResNet18, SmallCNN
 from tests.fakes import fake_split
 
 MODEL = SmallCNN(widths=(4, 8, 8), hidden=16)
@@ -115,3 +115,84 @@ def test_bias_correction_at_several_bit_widths_at_once_equals_one_at_a_time(fold
     assert set(times) == set(alone_times) == ({"bias_correction_seconds"} if bits else set())
   assert not np.array_equal(ptq._get(together[3][0], ("conv2", "conv", "bias")),
                             ptq._get(ev.setup.quantize_weights(folded, 3), ("conv2", "conv", "bias")))
+
+
+# The sweep's calibration options and first/last rules on the residual networks, end to end:
+# calibration samples -> ranges -> accuracy, against the same steps written out here.
+RESIDUAL_MODELS = {
+    "resnet18": ResNet18(num_classes=10, widths=(4, 4, 8, 8)),
+    "mobilenetv2": MobileNetV2(num_classes=10, width_multiplier=0.25),
+}
+
+
+def _residual_pipeline_and_folded(model):
+  rng = np.random.default_rng(0)
+  splits = {name: {"image": rng.normal(size=(n, 28, 28, 1)).astype(np.float32),
+                   "label": rng.integers(0, 10, n).astype(np.int32)}
+            for name, n in (("train", 32), ("test", 16))}
+  pipeline = data.pipeline_from_arrays("fashion_mnist", splits)
+  variables = model.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
+  stats = jax.tree.map(lambda v: v + 0.2, variables["batch_stats"])
+  return pipeline, splits, quant.fold_batch_norm(variables["params"], stats, BN_EPSILON)
+
+
+@pytest.mark.parametrize("name", sorted(RESIDUAL_MODELS))
+@pytest.mark.parametrize("calibration", ["percentile", "mse"])
+def test_the_sweep_calibrates_every_tap_by_its_method_and_scheme(name, calibration):
+  model = RESIDUAL_MODELS[name]
+  pipeline, _, folded = _residual_pipeline_and_folded(model)
+  setup = ptq.QuantSetup(calibration=calibration, percentile=99.0, num_calibration_batches=2)
+  evaluator = ptq.SweepEvaluator(model, pipeline, parallel.make_mesh(), setup, batch_size=16)
+  qparams = setup.quantize_weights(folded, 4)
+  ranges = evaluator.activation_ranges(qparams, 4)
+  # By hand: each tap's activations on each calibration batch (16 images), sampled as the tap
+  # samples them (4,096 evenly strided values and the exact extremes), its scheme from the model.
+  states = [model.clone(folded=True).apply(
+      {"params": qparams}, batch["image"], train=False, capture_intermediates=True,
+      mutable=["intermediates"])[1]
+            for batch in pipeline.eval_batches(16, split="train", num_batches=2)]
+  schemes = ptq.model_tap_schemes(model, setup, (28, 28, 1))
+  if name == "mobilenetv2":
+    assert schemes["stage3_block2/residual_act"] == "symmetric"
+    assert schemes["stage3_block2/project_act"] == "symmetric"
+    assert schemes["stage3_block2/depthwise_act"] == "asymmetric"
+  flat_ranges = {"/".join(quant.path_names(p)[:-1]): leaf for p, leaf in
+                 jax.tree_util.tree_leaves_with_path(ranges) if quant.path_names(p)[-1] == "min"}
+  assert set(flat_ranges) == set(schemes)
+  for tap, scheme in schemes.items():
+    values = []
+    for state in states:
+      node = state["intermediates"]
+      for key in tap.split("/"):
+        node = node[key]
+      flat = np.asarray(node["__call__"][0]).reshape(-1)
+      stride = max(1, flat.size // 4096)
+      values += [flat[::stride][:4096], [flat.min(), flat.max()]]
+    values = np.concatenate(values)
+    low, high = quant.calibrate_range(values, calibration, 4, scheme, 99.0)
+    got = ranges
+    for key in tap.split("/"):
+      got = got[key]
+    np.testing.assert_allclose([got["min"], got["max"]], [low, high], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,first,last", [
+    ("resnet18", "stem/conv/kernel", "head/kernel"),
+    ("mobilenetv2", "stem/conv/kernel", "head/kernel")])
+def test_first_last_bits_pick_the_first_and_last_kernel_in_call_order(name, first, last):
+  model = RESIDUAL_MODELS[name]
+  order = ptq.kernel_call_order(model, (28, 28, 1))
+  assert (order[0], order[-1]) == (first, last)
+  # ResNet-18's projection shortcuts run after their block's conv2; MobileNetV2's last conv
+  # before the head: neither is an end.
+  assert "stage2_block1/shortcut/conv/kernel" in order or name == "mobilenetv2"
+  config = config_lib.base_config()
+  config.quant.first_last_bits = 8
+  setup = ptq.build_quant_setup(config.quant, order)
+  _, _, folded = _residual_pipeline_and_folded(model)
+  integers = setup.weight_integers(folded, 3)
+  bits = {"/".join(quant.path_names(p)): leaf.bits for p, leaf in
+          jax.tree_util.tree_leaves_with_path(integers, is_leaf=lambda x: isinstance(
+              x, quant.Quantized)) if isinstance(leaf, quant.Quantized)}
+  assert {p for p, b in bits.items() if b == 8} == {first, last}
+  assert all(b == 3 for p, b in bits.items() if p not in (first, last))
