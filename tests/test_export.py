@@ -184,3 +184,43 @@ def test_compare_writes_a_table_and_a_plot(tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(FileNotFoundError, match="results.json"):
     report.compare([str(tmp_path / "missing")], ["x"], str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])
+def test_the_spec_reader_gets_the_sweeps_weights_and_every_taps_quantizer(name, tmp_path):
+  from qreg.models import MobileNetV2, ResNet18  # pylint: disable=g-import-not-at-top
+  model = {"resnet18": ResNet18(num_classes=10, widths=(4, 4, 8, 8)),
+           "mobilenetv2": MobileNetV2(num_classes=10, width_multiplier=0.25)}[name]
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(16, 28, 28, 1)), jnp.float32)
+  variables = model.init(jax.random.key(0), images[:1], train=False)
+  stats = jax.tree.map(lambda v: v + 0.2, variables["batch_stats"])
+  folded = quant.fold_batch_norm(variables["params"], stats, BN_EPSILON)
+  setup = ptq.QuantSetup(per_channel=True)
+  qparams = setup.quantize_weights(folded, 4)
+  samples = ptq._activation_samples(  # pylint: disable=protected-access
+      model.clone(folded=True, act_scheme=setup.act_scheme).apply, {"params": qparams}, images)
+  ranges = ptq.activation_ranges(samples, 4, setup)
+  schemes = ptq.tap_schemes(samples, setup)
+  path = str(tmp_path / "model.npz")
+  integer_file.save(path, integer_file.export_arrays(
+      setup.weight_integers(folded, 4), quantization=setup.describe(), weight_bits=4, act_bits=4,
+      act_schemes=schemes, activation_ranges=ranges))
+  weights, activations = read_export(path)
+  flat = {"/".join(quant.path_names(p)): np.asarray(leaf)
+          for p, leaf in jax.tree_util.tree_leaves_with_path(qparams)}
+  assert set(weights) == set(flat)
+  for leaf, value in flat.items():
+    np.testing.assert_array_equal(weights[leaf], value)
+  if name == "mobilenetv2":
+    assert schemes["stage3_block2/residual_act"] == "symmetric"  # a signed tap
+  assert set(activations) == set(schemes)
+  for tap, (scale, zero_point, qmin, qmax) in activations.items():
+    point, bounds = samples, ranges
+    for key in tap.split("/"):
+      point, bounds = point[key], bounds[key]
+    x = np.asarray(point["samples"])
+    from_spec = (np.clip(np.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+    sweep = quant.quantize_activation(jnp.asarray(x), bounds["min"], bounds["max"], 4,
+                                      schemes[tap])
+    np.testing.assert_array_equal(from_spec.astype(np.float32), np.asarray(sweep))
