@@ -108,9 +108,9 @@ def test_the_qdq_graph_computes_the_sweeps_quantized_model_exactly(name, model, 
       model.clone(folded=True, act_scheme=setup.act_scheme).apply, {"params": qparams}, images)
   schemes = ptq.tap_schemes(samples, setup)
   # Power-of-two ranges: every tap's scale and zero point are exact too.
-  ranges = jax.tree.map(lambda _: None, ptq.activation_ranges(samples, bits, setup))
-  ranges = {tap: _power_of_two_range(bits, schemes[tap]) for tap in schemes}
-  ranges = _nest(ranges)
+  ranges = jax.tree_util.tree_map_with_path(
+      lambda path, _: _power_of_two_range(bits, schemes["/".join(quant.path_names(path))]),
+      samples, is_leaf=lambda x: isinstance(x, dict) and "samples" in x)
   graph = onnx_export.build(model, setup.weight_integers(folded, bits), shape[1:], bits, ranges,
                             schemes)
   apply = jax.jit(functools.partial(
@@ -123,17 +123,6 @@ def _power_of_two_range(bits, scheme):
   if scheme == "symmetric":  # scale 1/4
     return {"min": jnp.float32(-(2 ** (bits - 1) - 1) / 4), "max": jnp.float32((2 ** (bits - 1) - 1) / 4)}
   return {"min": jnp.float32(0.0), "max": jnp.float32((2 ** bits - 1) / 4)}  # scale 1/4
-
-
-def _nest(flat):
-  tree = {}
-  for name, leaf in flat.items():
-    *parents, last = name.split("/")
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[last] = leaf
-  return tree
 
 
 def _random_folded(model, shape, seed=0):

@@ -47,21 +47,20 @@ def ste_grid(widths) -> list[dict]:
 # VGG-like (no-reg 93.10): l1 0.003 -> 0.38 (+0.001 below), 0.03 -> 6.72; l2 0.5 -> 0.30
 #   (+0.16 below), 5 -> 4.00; KURE 0.1 -> -0.04, 3 -> 0.04 (+10, +30); STE-QAT 6 -> 0.12,
 #   3 -> 12.96.
+def _grids(l1_lambdas, l2_lambdas) -> dict[str, list[dict]]:
+  """A network's grids: its own l1 and l2 ends; KURE, STE-QAT and multi-bit QAT alike on both."""
+  return {
+      "l1": tuning.penalty_grid("l1", l1_lambdas),
+      "l2": tuning.penalty_grid("l2", l2_lambdas),
+      "kure": kure_grid((0.1, 0.3, 1.0, 3.0, 10.0, 30.0)),
+      "ste-qat": ste_grid((6, 5, 4, 3)),
+      "multibit-qat": tuning.multibit_grid((6, 5, 4, 3, 2)),
+  }
+
+
 GRIDS = {
-    "small_cnn": {
-        "l1": tuning.penalty_grid("l1", (0.003, 0.01, 0.03, 0.1)),
-        "l2": tuning.penalty_grid("l2", (0.5, 1.6, 5.0, 16.0)),
-        "kure": kure_grid((0.1, 0.3, 1.0, 3.0, 10.0, 30.0)),
-        "ste-qat": ste_grid((6, 5, 4, 3)),
-        "multibit-qat": tuning.multibit_grid((6, 5, 4, 3, 2)),
-    },
-    "vgg": {
-        "l1": tuning.penalty_grid("l1", (0.001, 0.003, 0.01, 0.03)),
-        "l2": tuning.penalty_grid("l2", (0.16, 0.5, 1.6, 5.0)),
-        "kure": kure_grid((0.1, 0.3, 1.0, 3.0, 10.0, 30.0)),
-        "ste-qat": ste_grid((6, 5, 4, 3)),
-        "multibit-qat": tuning.multibit_grid((6, 5, 4, 3, 2)),
-    },
+    "small_cnn": _grids((0.003, 0.01, 0.03, 0.1), (0.5, 1.6, 5.0, 16.0)),
+    "vgg": _grids((0.001, 0.003, 0.01, 0.03), (0.16, 0.5, 1.6, 5.0)),
 }
 # Values added by the after-test rule, {net: {method: [overrides, ...]}}: none yet.
 EXTENSIONS: dict[str, dict[str, list[dict]]] = {}
