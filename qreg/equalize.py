@@ -144,7 +144,7 @@ def absorb_biases(folded: PyTree, pairs: Sequence[Pair], bn_shift: Mapping, bn_s
   its consumer's bias (c in the equalized units: divided by the pair's scales).
 
   bn_shift / bn_scale: {producer path: beta / gamma of the BatchNorm folded into it}, before
-  equalization; scales: equalize's accumulated scales per pair (None: not equalized).
+  equalization; scales: equalize_pairs' accumulated scales per pair (None: not equalized).
   """
   params = _copy(folded)
   for index, pair in enumerate(pairs):
