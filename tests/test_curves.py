@@ -27,8 +27,14 @@ def ladder_value(method: str, overrides: dict):
 
 @pytest.mark.parametrize("net", sorted(tradeoff.GRIDS))
 def test_tradeoff_grids_follow_the_rule_on_the_committed_tuning_runs(net):
-  grids = tradeoff.grids(f"net={net}")
+  grids = tradeoff.GRIDS[net]  # as fixed before the test runs; extensions are checked below
   assert list(grids) == ["l1", "l2", "kure", "ste-qat", "multibit-qat"]
+  for method, extension in tradeoff.EXTENSIONS.get(net, {}).items():
+    values = [ladder_value(method, o) for o in grids[method] + extension]
+    assert len(extension) <= 2 and values[:len(grids[method])] == [
+        ladder_value(method, o) for o in tradeoff.grids(f"net={net}")[method]][:len(grids[method])]
+    ladder = sorted(values) if method not in ("ste-qat", "multibit-qat") else values
+    assert all(2.9 < b / a < 3.5 for a, b in zip(ladder, ladder[1:]))  # the ladder, continued
   with open(os.path.join(RESULTS, TUNING_RESULTS[net], "grid.json")) as f:
     tuned = json.load(f)
   cost = {(g["method"], ladder_value(g["method"], g["overrides"])): tuned["no_reg_float"] - g["float"]
