@@ -227,10 +227,8 @@ def model_tap_schemes(model, setup: QuantSetup, image_shape: Sequence[int]) -> d
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["params"])
   folded = fold(params, jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
                                      variables.get("batch_stats", {})))
-  _, state = model.clone(folded=True, act_scheme=setup.act_scheme).apply(
-      {"params": folded}, jnp.zeros((1, *image_shape)), train=False, mutable=["activation_stats"])
-  samples = jax.tree.map(lambda sown: sown[0], state["activation_stats"],
-                         is_leaf=lambda x: isinstance(x, tuple))
+  samples = _activation_samples(model.clone(folded=True, act_scheme=setup.act_scheme).apply,
+                                {"params": folded}, jnp.zeros((1, *image_shape)))
   return tap_schemes(samples, setup)
 
 

@@ -14,6 +14,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from qreg import evaluate, export, integer_file, ptq, quant, report
 from qreg.models import BN_EPSILON, SmallCNN
+from tests.conftest import jit_init, SHORT_MOBILENETV2_STAGES
 from tests.fakes import FASHION_MNIST_MEAN_STD, NUM_TEST, fake_split, write_idx_dir
 
 
@@ -189,11 +190,12 @@ def test_compare_writes_a_table_and_a_plot(tmp_path):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])
 def test_the_spec_reader_gets_the_sweeps_weights_and_every_taps_quantizer(name, tmp_path):
   from qreg.models import MobileNetV2, ResNet18  # pylint: disable=g-import-not-at-top
-  model = {"resnet18": ResNet18(num_classes=10, widths=(4, 4, 8, 8)),
-           "mobilenetv2": MobileNetV2(num_classes=10, width_multiplier=0.25)}[name]
+  model = {"resnet18": ResNet18(num_classes=10, widths=(4, 4, 8, 8), blocks_per_stage=1),
+           "mobilenetv2": MobileNetV2(num_classes=10, width_multiplier=0.25,
+                stages=SHORT_MOBILENETV2_STAGES)}[name]
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(16, 28, 28, 1)), jnp.float32)
-  variables = model.init(jax.random.key(0), images[:1], train=False)
+  variables = jit_init(model, (1, 28, 28, 1))
   stats = jax.tree.map(lambda v: v + 0.2, variables["batch_stats"])
   folded = quant.fold_batch_norm(variables["params"], stats, BN_EPSILON)
   setup = ptq.QuantSetup(per_channel=True)

@@ -14,6 +14,7 @@ import pytest
 from qreg import checkpoint, data, export, onnx_export, ptq, quant
 from qreg import config as config_lib
 from qreg.models import BN_EPSILON, MobileNetV2, ResNet18, SmallCNN
+from tests.conftest import jit_init, SHORT_MOBILENETV2_STAGES
 
 MODELS_SMALL_CNN = SmallCNN(num_classes=5, widths=(4, 8), pool_after=(True, True), hidden=8)
 
@@ -74,7 +75,7 @@ def _dyadic(model, shape, bits, seed=0):
   float32: integer codes with power-of-two scales. Any order of summation then gives the same
   numbers, so onnxruntime and XLA must agree bit for bit."""
   rng = np.random.default_rng(seed)
-  variables = model.init(jax.random.key(seed), jnp.zeros(shape), train=False)
+  variables = jit_init(model, shape, seed)
   folded = quant.fold_batch_norm(variables["params"], variables["batch_stats"], BN_EPSILON)
   qmax = 2 ** (bits - 1) - 1
 
@@ -92,8 +93,9 @@ def _dyadic(model, shape, bits, seed=0):
 
 @pytest.mark.parametrize("name,model,bits,per_channel", [
     ("small_cnn", MODELS_SMALL_CNN, 4, False),
-    ("resnet18", ResNet18(num_classes=5, widths=(4, 4, 8, 8)), 8, True),
-    ("mobilenetv2", MobileNetV2(num_classes=5, width_multiplier=0.25), 4, True),
+    ("resnet18", ResNet18(num_classes=5, widths=(4, 4, 8, 8), blocks_per_stage=1), 8, True),
+    ("mobilenetv2", MobileNetV2(num_classes=5, width_multiplier=0.25,
+                stages=SHORT_MOBILENETV2_STAGES), 4, True),
 ])
 def test_the_qdq_graph_computes_the_sweeps_quantized_model_exactly(name, model, bits,
                                                                     per_channel):
@@ -127,7 +129,7 @@ def _power_of_two_range(bits, scheme):
 
 def _random_folded(model, shape, seed=0):
   rng = np.random.default_rng(seed)
-  variables = model.init(jax.random.key(seed), jnp.zeros(shape), train=False)
+  variables = jit_init(model, shape, seed)
   params = jax.tree_util.tree_map_with_path(
       lambda path, v: v + (0.1 * rng.normal(size=v.shape) if path[-1].key in ("bias", "scale")
                            else 0), variables["params"])
@@ -140,9 +142,10 @@ def _random_folded(model, shape, seed=0):
 
 
 @pytest.mark.parametrize("name,model,bits,per_channel", [
-    ("resnet18_imagenet_stem", ResNet18(num_classes=5, stem="imagenet", widths=(8, 8, 16, 16)), 4,
+    ("resnet18_imagenet_stem", ResNet18(num_classes=5, stem="imagenet", widths=(8, 8, 16, 16), blocks_per_stage=1), 4,
      True),
-    ("mobilenetv2", MobileNetV2(num_classes=5, width_multiplier=0.25), 8, True),
+    ("mobilenetv2", MobileNetV2(num_classes=5, width_multiplier=0.25,
+                stages=SHORT_MOBILENETV2_STAGES), 8, True),
 ])
 def test_residual_networks_match_qregs_quantized_model(name, model, bits, per_channel):
   del name
@@ -161,8 +164,8 @@ def test_residual_networks_match_qregs_quantized_model(name, model, bits, per_ch
     assert schemes["stage3_block2/expand_act"] == "asymmetric"
   graph = onnx_export.build(model, setup.weight_integers(folded, bits), (16, 16, 3), bits, ranges,
                             schemes)
-  expected = np.asarray(apply({"params": qparams, "activation_ranges": ranges}, images,
-                              train=False))
+  expected = np.asarray(jax.jit(functools.partial(apply, train=False))(
+      {"params": qparams, "activation_ranges": ranges}, images))
   got = run_onnx(graph, images, optimize=False)
   differing = int(np.sum(got.argmax(-1) != expected.argmax(-1)))
   assert differing == 0, f"{differing} of {len(images)} predictions differ"

@@ -7,6 +7,7 @@ import pytest
 from qreg import config as config_lib
 from qreg import data, parallel, ptq, quant
 from qreg.models import BN_EPSILON, MobileNetV2, ResNet18, SmallCNN
+from tests.conftest import jit_init, SHORT_MOBILENETV2_STAGES
 from tests.fakes import fake_split
 
 MODEL = SmallCNN(widths=(4, 8, 8), hidden=16)
@@ -120,8 +121,9 @@ def test_bias_correction_at_several_bit_widths_at_once_equals_one_at_a_time(fold
 # The sweep's calibration options and first/last rules on the residual networks, end to end:
 # calibration samples -> ranges -> accuracy, against the same steps written out here.
 RESIDUAL_MODELS = {
-    "resnet18": ResNet18(num_classes=10, widths=(4, 4, 8, 8)),
-    "mobilenetv2": MobileNetV2(num_classes=10, width_multiplier=0.25),
+    "resnet18": ResNet18(num_classes=10, widths=(4, 4, 8, 8), blocks_per_stage=1),
+    "mobilenetv2": MobileNetV2(num_classes=10, width_multiplier=0.25,
+                stages=SHORT_MOBILENETV2_STAGES),
 }
 
 
@@ -131,7 +133,7 @@ def _residual_pipeline_and_folded(model):
                    "label": rng.integers(0, 10, n).astype(np.int32)}
             for name, n in (("train", 32), ("test", 16))}
   pipeline = data.pipeline_from_arrays("fashion_mnist", splits)
-  variables = model.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
+  variables = jit_init(model, (1, 28, 28, 1))
   stats = jax.tree.map(lambda v: v + 0.2, variables["batch_stats"])
   return pipeline, splits, quant.fold_batch_norm(variables["params"], stats, BN_EPSILON)
 
@@ -146,9 +148,10 @@ def test_the_sweep_calibrates_every_tap_by_its_method_and_scheme(name, calibrati
   ranges = evaluator.activation_ranges(qparams, 4)
   # By hand: each tap's activations on each calibration batch (16 images), sampled as the tap
   # samples them (4,096 evenly strided values and the exact extremes), its scheme from the model.
-  states = [model.clone(folded=True).apply(
-      {"params": qparams}, batch["image"], train=False, capture_intermediates=True,
-      mutable=["intermediates"])[1]
+  capture = jax.jit(lambda images: model.clone(folded=True).apply(
+      {"params": qparams}, images, train=False, capture_intermediates=True,
+      mutable=["intermediates"])[1])
+  states = [capture(batch["image"])
             for batch in pipeline.eval_batches(16, split="train", num_batches=2)]
   schemes = ptq.model_tap_schemes(model, setup, (28, 28, 1))
   if name == "mobilenetv2":
