@@ -70,19 +70,16 @@ def kernel_steps(kernel: jax.Array, bits: int, per_channel: bool) -> jax.Array:
   (the last axis), or one for the kernel; quant.quantize_with_range's scale."""
   axes = tuple(range(kernel.ndim - 1)) if per_channel else None
   absmax = jnp.max(jnp.abs(kernel), axis=axes)
-  return quant._safe_scale(absmax / quant.integer_range(bits, "symmetric")[1])  # pylint: disable=protected-access
+  return quant.grid_step(-absmax, absmax, bits, "symmetric")
 
 
 def activation_step(low: jax.Array, high: jax.Array, bits: int, symmetric) -> jax.Array:
-  """The step of a tap's quantizer on the range [low, high]: quant.quantize_with_range's."""
-  qmax_symmetric = quant.integer_range(bits, "symmetric")[1]
-  qmax_asymmetric = quant.integer_range(bits, "asymmetric")[1]
-  symmetric_step = jnp.maximum(jnp.abs(low), jnp.abs(high)) / qmax_symmetric
-  asymmetric_step = (jnp.maximum(high, 0.0) - jnp.minimum(low, 0.0)) / qmax_asymmetric
-  return quant._safe_scale(jnp.where(symmetric, symmetric_step, asymmetric_step))  # pylint: disable=protected-access
+  """The step of a tap's quantizer on the range [low, high] (its scheme a traced flag)."""
+  return jnp.where(symmetric, quant.grid_step(low, high, bits, "symmetric"),
+                   quant.grid_step(low, high, bits, "asymmetric"))
 
 
-def _taps(gradients_a: PyTree, stats: PyTree) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+def _taps(gradients_a: PyTree, stats: PyTree) -> list[tuple[jax.Array, ...]]:
   """(dL/da_t, min, max, symmetric?) of each tap, matched by module path."""
   flat_grads = flax.traverse_util.flatten_dict(flax.core.unfreeze(gradients_a))
   flat_stats = flax.traverse_util.flatten_dict(flax.core.unfreeze(stats))
@@ -114,6 +111,12 @@ def bound_terms(view_params: PyTree, grad_w: PyTree, grad_a: PyTree, stats: PyTr
       step = jax.lax.stop_gradient(step)
     activations = activations + step / 2 * jnp.sum(jnp.abs(grad))
   return weights, activations
+
+
+def _weighted(penalty: BoundPenalty, terms: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """lambda_w * weight term + lambda_a * activation term."""
+  weights, activations = terms
+  return penalty.lambda_w * weights + penalty.lambda_a * activations
 
 
 class View(NamedTuple):
@@ -156,8 +159,8 @@ def bound_value(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array]
   view_params = the_view.params(params)
   (_, stats), (grad_w, grad_a) = jax.value_and_grad(the_view.loss, argnums=(0, 1),
                                                     has_aux=True)(view_params, perturbations)
-  weights, activations = bound_terms(view_params, grad_w, grad_a, stats, penalty)
-  return penalty.lambda_w * weights + penalty.lambda_a * activations, (weights, activations)
+  terms = bound_terms(view_params, grad_w, grad_a, stats, penalty)
+  return _weighted(penalty, terms), terms
 
 
 def _gradients(the_view: View):
@@ -171,8 +174,7 @@ def _direction(view_params, grad_w, grad_a, stats, penalty: BoundPenalty):
   constant_steps = penalty._replace(differentiate_steps=False)
 
   def weighted(grad_w, grad_a):
-    weights, activations = bound_terms(view_params, grad_w, grad_a, stats, constant_steps)
-    return penalty.lambda_w * weights + penalty.lambda_a * activations
+    return _weighted(penalty, bound_terms(view_params, grad_w, grad_a, stats, constant_steps))
 
   return jax.lax.stop_gradient(jax.grad(weighted, argnums=(0, 1))(grad_w, grad_a))
 
@@ -183,9 +185,8 @@ def _steps_gradient(params, the_view: View, perturbations, grad_w, grad_a,
   def through_steps(params):
     view_params = the_view.params(params)
     _, stats = the_view.loss(view_params, perturbations)
-    weights, activations = bound_terms(view_params, jax.lax.stop_gradient(grad_w),
-                                       jax.lax.stop_gradient(grad_a), stats, penalty)
-    return penalty.lambda_w * weights + penalty.lambda_a * activations
+    return _weighted(penalty, bound_terms(view_params, jax.lax.stop_gradient(grad_w),
+                                          jax.lax.stop_gradient(grad_a), stats, penalty))
   return jax.grad(through_steps)(params)
 
 
@@ -222,13 +223,12 @@ def penalty_parts(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Arra
     view_grad = jax.tree.map(lambda g, g_displaced: (g_displaced - g) / h, grad_w, displaced_w)
   else:
     raise ValueError(f"Unknown reg.impl {penalty.impl!r}; expected one of {objectives.IMPLS}.")
-  weights, activations = bound_terms(view_params, grad_w, grad_a, stats, penalty)
+  terms = bound_terms(view_params, grad_w, grad_a, stats, penalty)
   grad = to_params(view_grad)[0]
   if penalty.differentiate_steps:
     grad = jax.tree.map(jnp.add, grad, _steps_gradient(params, the_view, perturbations, grad_w,
                                                        grad_a, penalty))
-  value = penalty.lambda_w * weights + penalty.lambda_a * activations
-  return value, (weights, activations), grad
+  return _weighted(penalty, terms), terms, grad
 
 
 def penalized_value_and_grad(params: PyTree, batch_stats: PyTree, batch: dict[str, jax.Array],

@@ -35,6 +35,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from qreg import quant
+
 PyTree = Any
 # How a consumer's kernel holds input channel i.
 CONV, DEPTHWISE, DENSE, FLATTEN_DENSE = "conv", "depthwise", "dense", "flatten_dense"
@@ -46,12 +48,6 @@ class Pair(NamedTuple):
   producer: tuple[str, ...]
   consumer: tuple[str, ...]
   consumer_kind: str
-
-
-def _get(tree: PyTree, path: Sequence[str]) -> PyTree:
-  for key in path:
-    tree = tree[key]
-  return tree
 
 
 def _copy(tree: PyTree) -> PyTree:
@@ -111,7 +107,8 @@ def equalize_pairs(folded: PyTree, pairs: Sequence[Pair], max_iterations: int = 
   for _ in range(max_iterations):
     largest = 0.0
     for index, pair in enumerate(pairs):
-      producer, consumer = _get(params, pair.producer), _get(params, pair.consumer)
+      producer = quant.subtree(params, pair.producer)
+      consumer = quant.subtree(params, pair.consumer)
       kernel1, kernel2 = np.asarray(producer["kernel"]), np.asarray(consumer["kernel"])
       r1 = output_ranges(kernel1)
       r2 = input_ranges(kernel2, pair.consumer_kind, r1.size)
@@ -150,7 +147,8 @@ def absorb_biases(folded: PyTree, pairs: Sequence[Pair], bn_shift: Mapping, bn_s
   for index, pair in enumerate(pairs):
     if pair.producer not in bn_shift:
       continue  # no BatchNorm statistics to bound the pre-activation by
-    producer, consumer = _get(params, pair.producer), _get(params, pair.consumer)
+    producer = quant.subtree(params, pair.producer)
+    consumer = quant.subtree(params, pair.consumer)
     kernel2 = np.asarray(consumer["kernel"])
     if not absorbable(pair, kernel2):
       continue
@@ -203,8 +201,7 @@ def equalize_model(model, params: PyTree, folded: PyTree, equalize: bool = True,
   equalized, scales = equalize_pairs(folded, found) if equalize else (folded, None)
   if not absorb:
     return equalized
-  bn = {pair.producer: _get(params, pair.producer[:-1] + ("bn",)) for pair in found
-        if isinstance(_get(params, pair.producer[:-1]), Mapping)
-        and "bn" in _get(params, pair.producer[:-1])}
+  blocks = {pair.producer: quant.subtree(params, pair.producer[:-1]) for pair in found}
+  bn = {producer: block["bn"] for producer, block in blocks.items() if "bn" in block}
   return absorb_biases(equalized, found, {p: v["bias"] for p, v in bn.items()},
                        {p: v["scale"] for p, v in bn.items()}, scales)

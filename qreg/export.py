@@ -59,17 +59,17 @@ def export_workdir(workdir: str, weight_bits: int, out: str,
     samples = evaluator.calibration_samples(qparams)
     ranges = evaluator.activation_ranges(qparams, act_bits, samples)
   integers = setup.weight_integers(folded, weight_bits)
+  schemes = ptq.tap_schemes(samples, setup) if samples is not None else {}
   if file_format == "onnx":
     graph = onnx_export.build(
         model, integers, data.image_shape(config.data.name, config.data.image_size), act_bits,
-        ranges, ptq.tap_schemes(samples, setup) if samples is not None else {})
+        ranges, schemes)
     with report.atomic_file(out, "wb") as f:
       f.write(graph.SerializeToString())
   else:
     integer_file.save(out, integer_file.export_arrays(
         integers, quantization=setup.describe(), weight_bits=weight_bits, act_bits=act_bits,
-        act_schemes=ptq.tap_schemes(samples, setup) if samples is not None else None,
-        activation_ranges=ranges))
+        act_schemes=schemes, activation_ranges=ranges))
   float_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(folded))
   return {"export_bytes": os.path.getsize(out), "float_params_bytes": float_bytes}
 

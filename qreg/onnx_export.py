@@ -34,6 +34,18 @@ PyTree = Any
 OPSET = 21
 
 
+def _same_pads(height: int, width: int, window: tuple[int, int], strides: tuple[int, int]):
+  """SAME padding as ONNX pads [top, left, bottom, right] (Flax puts the odd pixel at the end),
+  and the output height and width."""
+  pads, out = [], []
+  for size, k, s in ((height, window[0], strides[0]), (width, window[1], strides[1])):
+    out_size = -(-size // s)
+    total = max((out_size - 1) * s + k - size, 0)
+    pads.append((total // 2, total - total // 2))
+    out.append(out_size)
+  return [pads[0][0], pads[1][0], pads[0][1], pads[1][1]], tuple(out)
+
+
 class GraphBuilder:
   """Nodes, initializers and the NCHW shapes of the tensors built so far."""
 
@@ -84,18 +96,13 @@ class GraphBuilder:
   def conv(self, x: str, path: str, layer: Mapping, strides=(1, 1), group: int = 1) -> str:
     kernel = layer["kernel"]
     kh, kw, _, out = np.shape(kernel.codes)
-    channels, height, width = self.shapes[x]
-    pads = []
-    for size, k, s in ((height, kh, strides[0]), (width, kw, strides[1])):
-      out_size = -(-size // s)
-      total = max((out_size - 1) * s + k - size, 0)
-      pads.append((total // 2, total - total // 2))
+    _, height, width = self.shapes[x]
+    pads, out_hw = _same_pads(height, width, (kh, kw), tuple(strides))
     weight = self.dequantized_weight(path, kernel, "conv")
     bias = self.constant(f"{path}/bias", np.asarray(layer["bias"], np.float32))
     y = self.node("Conv", [x, weight, bias], strides=list(strides), group=group,
-                  kernel_shape=[kh, kw], pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
-    self.shapes[y] = (out, -(-height // strides[0]), -(-width // strides[1]))
-    del channels
+                  kernel_shape=[kh, kw], pads=pads)
+    self.shapes[y] = (out, *out_hw)
     return y
 
   def dense(self, x: str, path: str, layer: Mapping) -> str:
@@ -147,17 +154,12 @@ class GraphBuilder:
   def max_pool(self, x: str, window: int, stride: int, same: bool = False) -> str:
     channels, height, width = self.shapes[x]
     if same:
-      pads = []
-      for size in (height, width):
-        out_size = -(-size // stride)
-        total = max((out_size - 1) * stride + window - size, 0)
-        pads.append((total // 2, total - total // 2))
-      out_hw = (-(-height // stride), -(-width // stride))
+      pads, out_hw = _same_pads(height, width, (window, window), (stride, stride))
     else:
-      pads = [(0, 0), (0, 0)]
+      pads = [0, 0, 0, 0]
       out_hw = ((height - window) // stride + 1, (width - window) // stride + 1)
     y = self.node("MaxPool", [x], kernel_shape=[window, window], strides=[stride, stride],
-                  pads=[pads[0][0], pads[1][0], pads[0][1], pads[1][1]])
+                  pads=pads)
     self.shapes[y] = (channels, *out_hw)
     return y
 

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -51,6 +51,11 @@ class QuantSetup:
   # Data-free steps on the folded model first (qreg.equalize).
   cross_layer_equalization: bool = False
   bias_absorption: bool = False
+
+  @property
+  def equalizes(self) -> bool:
+    """Whether a data-free step (qreg.equalize) changes the folded model before quantizing."""
+    return self.cross_layer_equalization or self.bias_absorption
 
   def quantize_weights(self, folded_params: PyTree, bits: int | None) -> PyTree:
     return quant.quantize_params(folded_params, bits, scheme=self.weight_scheme,
@@ -113,23 +118,20 @@ def kernel_call_order(model, image_shape: Sequence[int]) -> list[str]:
   """The model's kernel paths in the order its layers run, recorded by intercepting the calls
   of the folded model's modules: a params dict's key order is not the call order (Flax sorts
   it: ResNet-18's 'head' came before 'stage1_block1' and 'stem' last)."""
-  folded = model.clone(folded=True)
-  shapes = jax.eval_shape(lambda: folded.init(jax.random.key(0),
-                                              jnp.zeros((1, *image_shape)), train=False))
-  kernels = {"/".join(quant.path_names(path)[:-1])
-             for path, _ in jax.tree_util.tree_leaves_with_path(shapes["params"])
-             if quant.path_names(path)[-1] == "kernel"}
-  order = []
+  called = []
 
   def interceptor(next_fun, args, kwargs, context):
-    name = "/".join(context.module.path)
-    if context.method_name == "__call__" and name in kernels and name not in order:
-      order.append(name)
+    if context.method_name == "__call__":
+      called.append("/".join(context.module.path))
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda: folded.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
-                                       train=False))
+    shapes = jax.eval_shape(lambda: model.clone(folded=True).init(
+        jax.random.key(0), jnp.zeros((1, *image_shape)), train=False))
+  kernels = {"/".join(quant.path_names(path)[:-1])
+             for path, _ in jax.tree_util.tree_leaves_with_path(shapes["params"])
+             if quant.path_names(path)[-1] == "kernel"}
+  order = list(dict.fromkeys(name for name in called if name in kernels))
   return [f"{name}/kernel" for name in order]
 
 
@@ -141,16 +143,14 @@ def fold(params: PyTree, batch_stats: PyTree) -> PyTree:
 def sweep_model(setup: QuantSetup, model):
   """The model the sweep runs the folded params in: with equalization, the one it is exact for
   (MobileNetV2 with ReLU in place of ReLU6)."""
-  if setup.cross_layer_equalization or setup.bias_absorption:
-    return equalize.equalizable_model(model)
-  return model
+  return equalize.equalizable_model(model) if setup.equalizes else model
 
 
 def prepare_folded(setup: QuantSetup, model, params: PyTree, batch_stats: PyTree):
   """(model, folded params) as the sweep quantizes them: BatchNorm folded, then equalized and
   with biases absorbed when the setup asks (the model is then equalize.equalizable_model's)."""
   folded = fold(params, batch_stats)
-  if not (setup.cross_layer_equalization or setup.bias_absorption):
+  if not setup.equalizes:
     return model, folded
   model = sweep_model(setup, model)
   return model, equalize.equalize_model(model, params, folded,
@@ -276,12 +276,6 @@ def _layer_module(model, params: PyTree, images: jax.Array, path: tuple[str, ...
   return found["module"]
 
 
-def _get(tree: PyTree, path: Sequence[str]) -> PyTree:
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
 def _with_leaf(tree: PyTree, path: Sequence[str], value) -> PyTree:
   """A copy of the nested dict `tree` with the leaf at `path` replaced."""
   if not path:
@@ -376,7 +370,8 @@ class SweepEvaluator:
           correction = rounding.bias_correction(float_outputs,
                                                 self._layer_outputs(qparams, images, layer, 1))
           bias_path = layer + ("bias",)
-          done[bits] = _with_leaf(qparams, bias_path, _get(qparams, bias_path) - correction), times
+          done[bits] = (_with_leaf(qparams, bias_path,
+                                   quant.subtree(qparams, bias_path) - correction), times)
           seconds[bits] += time.time() - start
       for bits in todo:
         done[bits][1]["bias_correction_seconds"] = seconds[bits]
@@ -389,7 +384,7 @@ class SweepEvaluator:
     images = images[:self.setup.adaround_examples]
     inputs = self._layer_outputs(qparams, images, layer, 0)
     module = _layer_module(self._model.clone(folded=True), folded_params, images, layer)
-    layer_params = _get(folded_params, layer)
+    layer_params = quant.subtree(folded_params, layer)
     apply_layer = lambda kernel, x: module.apply({"params": {**layer_params, "kernel": kernel}}, x)
     result = rounding.adaround_layer(
         apply_layer, layer_params["kernel"], inputs, bits, scheme=self.setup.weight_scheme,

@@ -80,19 +80,26 @@ def _reduce_axes(x: jax.Array, channel_axis: int | None) -> tuple[int, ...] | No
   return tuple(a for a in range(x.ndim) if a != channel_axis % x.ndim)
 
 
+def grid_step(low: jax.Array, high: jax.Array, bits: int, scheme: str) -> jax.Array:
+  """The step (scale) of the b-bit grid spanning [low, high]: max(|low|, |high|) / qmax for
+  `symmetric`, the range widened to contain 0 over qmax for `asymmetric`."""
+  qmax = integer_range(bits, scheme)[1]
+  if scheme == "symmetric":
+    return _safe_scale(jnp.maximum(jnp.abs(low), jnp.abs(high)) / qmax)
+  return _safe_scale((jnp.maximum(high, 0.0) - jnp.minimum(low, 0.0)) / qmax)
+
+
 def quantize_with_range(x: jax.Array, low: jax.Array, high: jax.Array, bits: int,
                         scheme: str) -> Quantized:
   """Integer codes of x on the grid spanning [low, high] (clipping what falls outside)."""
   check_bits(bits)
   check_scheme(scheme)
   qmin, qmax = integer_range(bits, scheme)
+  scale = grid_step(low, high, bits, scheme)
   if scheme == "symmetric":
-    scale = _safe_scale(jnp.maximum(jnp.abs(low), jnp.abs(high)) / qmax)
     zero_point = jnp.zeros(jnp.shape(scale), jnp.int32)
   else:
-    low, high = jnp.minimum(low, 0.0), jnp.maximum(high, 0.0)
-    scale = _safe_scale((high - low) / qmax)
-    zero_point = jnp.round(-low / scale).astype(jnp.int32)
+    zero_point = jnp.round(-jnp.minimum(low, 0.0) / scale).astype(jnp.int32)
   codes = jnp.clip(jnp.round(x / scale) + zero_point, qmin, qmax).astype(jnp.int32)
   return Quantized(codes, scale.astype(x.dtype), zero_point, bits, scheme)
 
@@ -133,6 +140,13 @@ def straight_through(x: jax.Array, quantized: jax.Array) -> jax.Array:
   x + stop_gradient(q(x) - x), for quantization-aware training (Bengio et al. 2013).
   """
   return x + jax.lax.stop_gradient(quantized - x)
+
+
+def subtree(tree: PyTree, path: Sequence[str]) -> PyTree:
+  """The node of a nested dict at a path of keys."""
+  for key in path:
+    tree = tree[key]
+  return tree
 
 
 def path_names(path) -> tuple[str, ...]:

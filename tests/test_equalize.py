@@ -51,8 +51,8 @@ def test_equalization_keeps_the_function_and_equalizes_every_pair(name):
     np.testing.assert_allclose(apply(equalized), apply(folded), rtol=1e-9, atol=1e-12)
     moved = False
     for pair, s in zip(pairs, scales):
-      r1 = equalize.output_ranges(np.asarray(equalize._get(equalized, pair.producer)["kernel"]))
-      r2 = equalize.input_ranges(np.asarray(equalize._get(equalized, pair.consumer)["kernel"]),
+      r1 = equalize.output_ranges(np.asarray(quant.subtree(equalized, pair.producer)["kernel"]))
+      r2 = equalize.input_ranges(np.asarray(quant.subtree(equalized, pair.consumer)["kernel"]),
                                  pair.consumer_kind, r1.size)
       np.testing.assert_allclose(r1, r2, rtol=1e-6)
       moved |= bool(np.max(np.abs(np.log(s))) > 0.1)

@@ -83,10 +83,10 @@ def test_adaround_reconstructs_each_layer_better_than_nearest_rounding(folded_an
   for path in ptq.kernel_call_order(MODEL, (28, 28, 1)):
     keys = path.split("/")
     layer = "/".join(keys[:-1])
-    w = np.asarray(ptq._get(folded, keys))
+    w = np.asarray(quant.subtree(folded, keys))
     scale = np.asarray(quant.quantize_to_integers(w, 3, "symmetric", channel_axis=-1).scale)
-    codes = np.round(np.asarray(ptq._get(rounded, keys)) / scale)
-    nearest_codes = np.round(np.asarray(ptq._get(nearest, keys)) / scale)
+    codes = np.round(np.asarray(quant.subtree(rounded, keys)) / scale)
+    nearest_codes = np.round(np.asarray(quant.subtree(nearest, keys)) / scale)
     ratio = w / scale  # the slack: XLA's and numpy's divisions may differ by an ulp
     assert np.all((codes >= np.floor(ratio - 1e-5)) & (codes <= np.ceil(ratio + 1e-5))), path
     changed += int(np.sum(codes != nearest_codes))
@@ -94,8 +94,8 @@ def test_adaround_reconstructs_each_layer_better_than_nearest_rounding(folded_an
     # as AdaRound left them (what it reconstructs).
     outputs = {name: np.asarray(layer_outputs(ptq._with_leaf(rounded, keys, kernel),
                                               images)[layer], np.float64)
-               for name, kernel in (("float", w), ("adaround", ptq._get(rounded, keys)),
-                                    ("nearest", ptq._get(nearest, keys)))}
+               for name, kernel in (("float", w), ("adaround", quant.subtree(rounded, keys)),
+                                    ("nearest", quant.subtree(nearest, keys)))}
     errors[layer] = [np.sum(np.square(outputs[name] - outputs["float"])) / len(images)
                      for name in ("adaround", "nearest")]
   assert changed > 0
@@ -114,8 +114,8 @@ def test_bias_correction_at_several_bit_widths_at_once_equals_one_at_a_time(fold
     alone, alone_times = ev.quantized_weights(folded, bits)
     jax.tree.map(np.testing.assert_array_equal, qparams, alone)
     assert set(times) == set(alone_times) == ({"bias_correction_seconds"} if bits else set())
-  assert not np.array_equal(ptq._get(together[3][0], ("conv2", "conv", "bias")),
-                            ptq._get(ev.setup.quantize_weights(folded, 3), ("conv2", "conv", "bias")))
+  assert not np.array_equal(quant.subtree(together[3][0], ("conv2", "conv", "bias")),
+                            quant.subtree(ev.setup.quantize_weights(folded, 3), ("conv2", "conv", "bias")))
 
 
 # The sweep's calibration options and first/last rules on the residual networks, end to end:
