@@ -34,8 +34,8 @@ def test_a_4_bit_small_cnn_in_onnxruntime_gets_the_sweeps_predictions(reference_
   # The graph as written (no graph optimization) computes the sweep's model: every tap's codes
   # equal, the logits within float32 summation order, the same predictions and accuracy.
   # onnxruntime's default optimizations fuse the QDQ pairs into integer kernels whose
-  # requantization rounds differently (on this run 761 of 125,440 codes at the second tap moved
-  # one step); they may move a prediction, and are checked loosely.
+  # requantization rounds differently (some codes land one step apart); they may move a
+  # prediction, and are checked loosely.
   path = str(tmp_path / "model.onnx")
   export.export_workdir(reference_copy, 4, path, act_bits=4, file_format="onnx")
   graph = onnx.load(path)

@@ -60,8 +60,8 @@ def multibit_grid(lowest_widths) -> list[dict]:
 MULTIBIT_GRID = {"multibit-qat": multibit_grid((5, 4, 3, 2))}
 # The bound-aware penalty (issue 23, qreg.bound): lambda_w = lambda_a = 1, its strength the
 # reference bit-width reg.bound_bits (each bit fewer doubles it), 2 bits apart like the factor-~3
-# grids' spacing squared. Sized on the default run's no-reg checkpoint (SmallCNN, seed 0, one
-# batch): B at 8 bits was 0.48, about the tuned l1 penalty's value there (0.44).
+# grids' spacing squared. Sized by a one-off look at the default run's no-reg checkpoint (not a
+# committed result): B at 8 bits came out near the tuned l1 penalty's value there.
 BOUND_BITS = (12, 10, 8, 6)
 
 
