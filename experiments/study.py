@@ -20,6 +20,8 @@
 | bound_penalty      | the bound-aware penalty's forms (qreg.bound), tuned and run likewise   |
 | tradeoff           | every method's trade-off curve (configs/tables/tradeoff.py), 3 seeds,  |
 |                    | both protocols; curves and the iso-float-cost table                    |
+| mixed_precision    | the tuned table's no-reg, l1, l2 and KURE runs (network_table) re-swept |
+|                    | with mixed precision at 2-8 bits per weight on each sensitivity        |
 | table1             | the cross-network Table 1 from the committed tables                    |
 
 Runs train in --workdir/<net>/<sweep>/<run>; results go to experiments/results/. Every step
@@ -37,6 +39,7 @@ from absl import flags, logging
 from configs.tables import ablations as ablations_config
 from configs.tables import tuned
 from experiments import curves, make_tables, reevaluate, run_sweep, table1, tune
+from experiments import mixed_precision as mixed_report
 from qreg import checkpoint, cli, evaluate, export, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -294,6 +297,15 @@ def tradeoff(workdir: str, net: str) -> None:
         flush=True)
 
 
+def mixed_precision(workdir: str, net: str) -> None:
+  network_table(workdir, net)
+  root = os.path.join(workdir, net, "tuned")
+  for method in mixed_report.METHODS:
+    reevaluate.reevaluate_sweep(os.path.join(root, method), "mixed")
+  print(mixed_report.write_mixed(root, os.path.join(RESULTS, _network(net).tables,
+                                                    "mixed_precision")), flush=True)
+
+
 def write_table1(workdir: str, net: str) -> None:
   del workdir, net
   print(table1.write_table1(), flush=True)
@@ -310,6 +322,7 @@ STUDIES = {
     "tradeoff": tradeoff,
     "multibit_qat": multibit_qat,
     "bound_penalty": bound_penalty,
+    "mixed_precision": mixed_precision,
     "table1": write_table1,
 }
 

@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from qreg import bound, data, models, objectives, parallel, quant
+from qreg import bound, data, mixed, models, objectives, parallel, quant
 
 # (weight_bits, act_bits); None = float. A tuple, so that the command line can override it:
 # --config.quant.bit_settings='((4,4),(2,8))'.
@@ -131,6 +131,19 @@ def base_config() -> ml_collections.ConfigDict:
   # ReLU6), and bias absorption into the next layer where it is exact.
   config.quant.cross_layer_equalization = False
   config.quant.bias_absorption = False
+  # Mixed precision (qreg.mixed): per-kernel weight bits from bit_choices meeting each average
+  # bits-per-weight budget (kernels a rule fixes keep their bits), allocated by
+  # budget_allocation ('knapsack', exact, or 'greedy') on each of budget_sensitivities
+  # ('measured', 'bound', 'hessian'), activations at budget_act_bits; () = none.
+  config.quant.bit_budgets = ()
+  config.quant.bit_choices = (2, 3, 4, 5, 6, 8)
+  config.quant.budget_sensitivities = ("bound",)
+  config.quant.budget_allocation = "knapsack"
+  config.quant.budget_act_bits = ml_collections.FieldReference(8, field_type=int)
+  # The 'hessian' sensitivity's Hutchinson estimate: Rademacher vectors per kernel, on the first
+  # this many calibration batches.
+  config.quant.hutchinson_samples = 16
+  config.quant.hutchinson_batches = 1
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500
@@ -244,6 +257,32 @@ def _check_bound_form(config: ml_collections.ConfigDict) -> None:
                      "not supported: the bound is taken on the float network.")
 
 
+def _check_mixed_precision(quant_config: ml_collections.ConfigDict) -> None:
+  choices = tuple(quant_config.bit_choices)
+  if not choices:
+    raise ValueError("quant.bit_choices is empty: mixed precision needs bit-widths to choose from.")
+  for bits in choices:
+    quant.check_bits(bits, "quant.bit_choices entry")
+    if bits is None:
+      raise ValueError("quant.bit_choices entries are bit-widths; None (float) is not one.")
+  for budget in quant_config.bit_budgets:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) \
+        or not min(choices) <= budget <= quant.MAX_BITS:
+      raise ValueError(f"quant.bit_budgets entry {budget!r} must be a number of bits per weight "
+                       f"in [{min(choices)}, {quant.MAX_BITS}] (min(quant.bit_choices) to the most).")
+  sensitivities = tuple(quant_config.budget_sensitivities)
+  if quant_config.bit_budgets and not sensitivities:
+    raise ValueError("quant.bit_budgets needs at least one of quant.budget_sensitivities "
+                     f"{mixed.SENSITIVITIES}.")
+  for name in sensitivities:
+    _check_choice("quant.budget_sensitivities entry", name, mixed.SENSITIVITIES, "sensitivity")
+  _check_choice("quant.budget_allocation", quant_config.budget_allocation, mixed.ALLOCATIONS,
+                "allocation")
+  quant.check_bits(quant_config.budget_act_bits, "quant.budget_act_bits")
+  _check_integer("quant.hutchinson_samples", quant_config.hutchinson_samples, 1)
+  _check_integer("quant.hutchinson_batches", quant_config.hutchinson_batches, 1)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ValueError naming the first field whose value cannot work.
 
@@ -295,6 +334,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   quant.parse_weight_rules(config.quant.weight_rules)
   quant.check_bits(config.quant.sensitivity_bits, "quant.sensitivity_bits")
   quant.check_bits(config.quant.first_last_bits, "quant.first_last_bits")
+  _check_mixed_precision(config.quant)
   _check_choice("eval.split", config.eval.split, ("test", "validation"))
   if config.eval.split == "validation" and not config.data.validation_size:
     raise ValueError("eval.split='validation' needs data.validation_size > 0.")

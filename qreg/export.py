@@ -2,6 +2,7 @@
 
     python -m qreg.export --workdir=<dir> --weight_bits=4 [--act_bits=8] --out=<file>
     python -m qreg.export --format=onnx --workdir=<dir> --weight_bits=4 --act_bits=4 --out=m.onnx
+    python -m qreg.export --workdir=<dir> --bit_budget=3 --sensitivity=bound --act_bits=8 --out=<file>
 
 folds BatchNorm into the last checkpoint's layers and writes the kernels as
 b-bit integers packed into bytes with their scales (and zero points for the
@@ -16,29 +17,36 @@ config (workdir/config.json). docs/export.md specifies the format.
 evaluates it; its dequantized weights are bit-identical to the fake-quantized
 weights of the sweep, so it gets exactly the sweep's accuracy.
 """
+import dataclasses
 import os
 
 import jax
 import numpy as np
 from absl import flags
 
-from qreg import checkpoint, cli, data, integer_file, onnx_export, parallel, ptq, quant, report
+from qreg import checkpoint, cli, data, integer_file, mixed, onnx_export, parallel, ptq, quant
+from qreg import report
 from qreg import config as config_lib
 
 
 FORMATS = ("npz", "onnx")
 
 
-def export_workdir(workdir: str, weight_bits: int, out: str,
-                   act_bits: int | None = None, file_format: str = "npz") -> dict[str, int]:
+def export_workdir(workdir: str, weight_bits: int | None, out: str,
+                   act_bits: int | None = None, file_format: str = "npz",
+                   bit_budget: float | None = None, sensitivity: str = "bound") -> dict[str, int]:
   """Exports the workdir's last checkpoint to `out`; returns sizes in bytes.
 
   file_format: 'npz', the packed integer file (docs/export.md), or 'onnx', a QDQ graph that
-  onnxruntime runs (qreg.onnx_export). Needs only the workdir, plus the training data's
-  calibration batches when act_bits is set.
+  onnxruntime runs (qreg.onnx_export). Kernels at weight_bits, or (bit_budget instead) at the
+  bits per kernel that mixed precision allocates for that average on `sensitivity` (the run's
+  quant.bit_choices and quant.budget_allocation), as the sweep's mixed rows. Needs only the
+  workdir, plus the training data's calibration batches when act_bits or bit_budget is set.
   """
   if file_format not in FORMATS:
     raise ValueError(f"--format={file_format!r}: expected one of {FORMATS}.")
+  if (weight_bits is None) == (bit_budget is None):
+    raise ValueError("Pass exactly one of --weight_bits and --bit_budget.")
   quant.check_bits(weight_bits, "--weight_bits")
   quant.check_bits(act_bits, "--act_bits")
   config, _, variables, model = checkpoint.load_run(workdir)
@@ -49,12 +57,18 @@ def export_workdir(workdir: str, weight_bits: int, out: str,
                           data.image_shape(config.data.name, config.data.image_size))
   # Folded, and equalized with quant.cross_layer_equalization / quant.bias_absorption.
   model, folded = ptq.prepare_folded(setup, model, variables["params"], variables["batch_stats"])
-  ranges, samples = None, None
-  if act_bits is not None:
+  ranges, samples, evaluator = None, None, None
+  if act_bits is not None or bit_budget is not None:
     mesh = parallel.make_mesh()
     config_lib.validate(config, mesh.devices.size)
     evaluator = ptq.SweepEvaluator(model, data.build_input_pipeline(config.data), mesh, setup,
                                    config.eval.batch_size)
+  if bit_budget is not None:
+    widths = ptq.allocate_budget(evaluator, folded, config.quant, bit_budget, sensitivity)
+    setup = dataclasses.replace(setup, weight_rules=mixed.width_rules(widths))
+    evaluator = evaluator.with_setup(setup)
+    weight_bits = max(config.quant.bit_choices)  # every kernel has its rule
+  if act_bits is not None:
     qparams = setup.quantize_weights(folded, weight_bits)
     samples = evaluator.calibration_samples(qparams)
     ranges = evaluator.activation_ranges(qparams, act_bits, samples)
@@ -69,26 +83,33 @@ def export_workdir(workdir: str, weight_bits: int, out: str,
   else:
     integer_file.save(out, integer_file.export_arrays(
         integers, quantization=setup.describe(), weight_bits=weight_bits, act_bits=act_bits,
-        act_schemes=schemes, activation_ranges=ranges))
+        act_schemes=schemes, activation_ranges=ranges, bit_budget=bit_budget))
   float_bytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(folded))
   return {"export_bytes": os.path.getsize(out), "float_params_bytes": float_bytes}
 
 
-def main(workdir: str, weight_bits: int, out: str, act_bits: int | None,
-         file_format: str = "npz") -> None:
+def main(workdir: str, weight_bits: int | None, out: str, act_bits: int | None,
+         file_format: str = "npz", bit_budget: float | None = None,
+         sensitivity: str = "bound") -> None:
   cli.configure_logging()
-  sizes = export_workdir(workdir, weight_bits, out, act_bits, file_format)
+  sizes = export_workdir(workdir, weight_bits, out, act_bits, file_format, bit_budget,
+                         sensitivity)
+  bits = weight_bits if bit_budget is None else bit_budget
   print(f"Wrote {out}: {sizes['export_bytes']:,} bytes; float32 folded params "
         f"{sizes['float_params_bytes']:,} bytes (ratio "
         f"{sizes['export_bytes'] / sizes['float_params_bytes']:.3f}, "
-        f"{weight_bits}/32 = {weight_bits / 32:.3f}).")
+        f"{bits:g}/32 = {bits / 32:.3f}).")
 
 
 if __name__ == "__main__":
   # Flags are defined only when run, so that importing this module defines none.
   _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a trained run.", required=True)
-  _WEIGHT_BITS = flags.DEFINE_integer("weight_bits", None, "Bit-width of the exported kernels.",
-                                      required=True)
+  _WEIGHT_BITS = flags.DEFINE_integer("weight_bits", None, "Bit-width of the exported kernels.")
+  _BIT_BUDGET = flags.DEFINE_float("bit_budget", None,
+                                   "Instead of --weight_bits: mixed precision, bits per kernel "
+                                   "allocated for this average bits per weight.")
+  _SENSITIVITY = flags.DEFINE_enum("sensitivity", "bound", list(mixed.SENSITIVITIES),
+                                   "The per-kernel sensitivity --bit_budget allocates on.")
   _ACT_BITS = flags.DEFINE_integer("act_bits", None,
                                    "Also store activation ranges for this bit-width (calibrated "
                                    "on training batches).")
@@ -96,4 +117,4 @@ if __name__ == "__main__":
   _FORMAT = flags.DEFINE_enum("format", "npz", list(FORMATS),
                               "npz: the packed integer file; onnx: a QDQ graph for onnxruntime.")
   cli.run(lambda argv: main(_WORKDIR.value, _WEIGHT_BITS.value, _OUT.value, _ACT_BITS.value,
-                            _FORMAT.value))
+                            _FORMAT.value, _BIT_BUDGET.value, _SENSITIVITY.value))

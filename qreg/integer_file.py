@@ -58,7 +58,8 @@ def _is_range(node) -> bool:
 
 def export_arrays(weight_integers: PyTree, *, quantization: str, weight_bits: int,
                   act_bits: int | None = None, act_schemes: Mapping[str, str] | None = None,
-                  activation_ranges: PyTree | None = None) -> dict[str, np.ndarray]:
+                  activation_ranges: PyTree | None = None,
+                  bit_budget: float | None = None) -> dict[str, np.ndarray]:
   """The file's entries from folded params whose kernels are `quant.Quantized` (QuantSetup.
   weight_integers) and, when act_bits is set, the calibrated `activation_ranges` collection
   with each tap's own scheme (act_schemes, 'tap/path' -> scheme: ptq.tap_schemes)."""
@@ -88,6 +89,8 @@ def export_arrays(weight_integers: PyTree, *, quantization: str, weight_bits: in
       activations[name] = {"bits": act_bits, "scheme": act_scheme}
   header = {"format": FORMAT, "weight_bits": weight_bits, "act_bits": act_bits,
             "quantization": quantization, "leaves": leaves, "activations": activations}
+  if bit_budget is not None:  # mixed precision: each leaf's own bits are in `leaves`
+    header["bit_budget"] = bit_budget
   arrays["index.json"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
   return arrays
 

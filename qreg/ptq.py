@@ -9,6 +9,7 @@ fake-quantized at every tapped point.
 
 The sweep yields its rows as they are measured; callers print and write them.
 """
+import copy
 import dataclasses
 import functools
 import re
@@ -24,7 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from qreg import config as config_lib
-from qreg import equalize, parallel, quant, rounding
+from qreg import equalize, mixed, parallel, quant, rounding
 from qreg.models import BN_EPSILON
 
 PyTree = Any
@@ -111,6 +112,14 @@ def sweep_setup(config: ml_collections.ConfigDict, model, image_shape: Sequence[
   kernel_order = kernel_call_order(model, image_shape)
   setup = build_quant_setup(config.quant, kernel_order)
   quant.check_rules_match(kernel_order, setup.weight_rules)
+  if config.quant.bit_budgets:  # a budget the rules make impossible fails before training
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)),
+                                               train=False))
+    sizes = quant.kernel_sizes(shapes["params"])
+    fixed = mixed.fixed_widths(sizes, setup.weight_rules)
+    least = {path: min(config.quant.bit_choices) for path in sizes if path not in fixed}
+    for budget in config.quant.bit_budgets:
+      mixed.check_budget(budget, sizes, fixed, least)
   return setup
 
 
@@ -276,13 +285,6 @@ def _layer_module(model, params: PyTree, images: jax.Array, path: tuple[str, ...
   return found["module"]
 
 
-def _with_leaf(tree: PyTree, path: Sequence[str], value) -> PyTree:
-  """A copy of the nested dict `tree` with the leaf at `path` replaced."""
-  if not path:
-    return value
-  return {**tree, path[0]: _with_leaf(tree[path[0]], path[1:], value)}
-
-
 class SweepEvaluator:
   """Accuracy of a folded model's quantized variants, compiling each model variant once.
 
@@ -309,11 +311,21 @@ class SweepEvaluator:
           folded=True, act_bits=act_bits, act_scheme=self.setup.act_scheme).apply
     return self._apply_fns[act_bits]
 
+  def with_setup(self, setup: QuantSetup) -> "SweepEvaluator":
+    """This evaluator with another setup (its compiled model variants shared)."""
+    other = copy.copy(self)
+    other.setup = setup
+    return other
+
+  def calibration_batches(self) -> list[mixed.Batch]:
+    """The calibration batches as (images, labels, mask), the same global set on every process."""
+    gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return [(gather(batch["image"]), gather(batch["label"]), gather(batch["mask"]))
+            for batch in parallel.prefetch_to_mesh(self._calibration_batches(), self._mesh)]
+
   def calibration_images(self) -> np.ndarray:
     """The calibration batches' images, the same global set on every process."""
-    return np.concatenate([
-        multihost_utils.process_allgather(batch["image"], tiled=True)
-        for batch in parallel.prefetch_to_mesh(self._calibration_batches(), self._mesh)])
+    return np.concatenate([images for images, _, _ in self.calibration_batches()])
 
   def _layer_outputs(self, params: PyTree, images: np.ndarray, path: tuple[str, ...],
                      want: int) -> jax.Array:
@@ -370,7 +382,7 @@ class SweepEvaluator:
           correction = rounding.bias_correction(float_outputs,
                                                 self._layer_outputs(qparams, images, layer, 1))
           bias_path = layer + ("bias",)
-          done[bits] = (_with_leaf(qparams, bias_path,
+          done[bits] = (quant.replace_leaf(qparams, bias_path,
                                    quant.subtree(qparams, bias_path) - correction), times)
           seconds[bits] += time.time() - start
       for bits in todo:
@@ -389,7 +401,7 @@ class SweepEvaluator:
     result = rounding.adaround_layer(
         apply_layer, layer_params["kernel"], inputs, bits, scheme=self.setup.weight_scheme,
         per_channel=self.setup.per_channel, num_iterations=self.setup.adaround_iterations)
-    return _with_leaf(qparams, layer + ("kernel",), quant.dequantize(result.quantized))
+    return quant.replace_leaf(qparams, layer + ("kernel",), quant.dequantize(result.quantized))
 
   def calibration_samples(self, qparams: PyTree) -> PyTree:
     return collect_activation_samples(self._apply_fn(None), {"params": qparams},
@@ -436,11 +448,90 @@ def layer_sensitivity(evaluator: SweepEvaluator, folded_params: PyTree, bits: in
     yield {"layer": layer, "weight_bits": bits, "accuracy": evaluator.accuracy(qparams, None)}
 
 
+def _quantizer(setup: QuantSetup) -> mixed.Quantizer:
+  """The setup's quantization of one kernel at a bit-width (scheme and granularity)."""
+  channel_axis = -1 if setup.per_channel else None
+  return lambda kernel, bits: quant.quantize_to_integers(kernel, bits, setup.weight_scheme,
+                                                         channel_axis)
+
+
+def layer_sensitivities(evaluator: SweepEvaluator, folded_params: PyTree, paths: Sequence[str],
+                        name: str, bit_choices: Sequence[int], hutchinson_samples: int = 16,
+                        hutchinson_batches: int | None = None) -> dict[str, dict[int, float]]:
+  """Each kernel's sensitivity (qreg.mixed) by `name`, on the calibration batches (the first
+  hutchinson_batches of them for 'hessian'; None: all) through the folded model with float
+  activations, quantized as the evaluator's setup says."""
+  batches = evaluator.calibration_batches()
+  args = (evaluator._apply_fn(None), folded_params, batches, paths, bit_choices,
+          _quantizer(evaluator.setup))
+  if name == "measured":
+    return mixed.measured_sensitivity(*args)
+  if name == "bound":
+    return mixed.bound_sensitivity(*args)
+  if name == "hessian":
+    return mixed.hessian_sensitivity(evaluator._apply_fn(None), folded_params,
+                                     batches[:hutchinson_batches], paths, bit_choices,
+                                     _quantizer(evaluator.setup), num_samples=hutchinson_samples)
+  raise ValueError(f"Unknown sensitivity {name!r}; expected one of {mixed.SENSITIVITIES}.")
+
+
+def _kernels_to_allocate(folded_params: PyTree, setup: QuantSetup):
+  """(kernel sizes, the kernels the setup's rules fix with their bits, the free kernels)."""
+  sizes = quant.kernel_sizes(folded_params)
+  fixed = mixed.fixed_widths(sizes, setup.weight_rules)
+  return sizes, fixed, [path for path in sizes if path not in fixed]
+
+
+def allocate_budget(evaluator: SweepEvaluator, folded_params: PyTree,
+                    quant_config: ml_collections.ConfigDict, budget: float, sensitivity: str
+                    ) -> dict[str, int | None]:
+  """Bits per kernel for one budget, on `sensitivity` measured here (as mixed_precision does)."""
+  sizes, fixed, free = _kernels_to_allocate(folded_params, evaluator.setup)
+  values = layer_sensitivities(evaluator, folded_params, free, sensitivity,
+                               sorted(quant_config.bit_choices), quant_config.hutchinson_samples,
+                               quant_config.hutchinson_batches)
+  return mixed.allocate(values, sizes, budget, fixed=fixed, method=quant_config.budget_allocation)
+
+
+def mixed_precision(evaluator: SweepEvaluator, folded_params: PyTree,
+                    quant_config: ml_collections.ConfigDict) -> Iterator[tuple[str, Row]]:
+  """Mixed precision at each of quant.bit_budgets: yields ('layer_sensitivities', row) per
+  sensitivity (its values and seconds), then ('mixed', row) per budget and sensitivity: the
+  allocated bits per kernel (kernels the rules fix keep their bits) and the accuracy with
+  activations at quant.budget_act_bits, through the setup's whole protocol."""
+  bit_choices = sorted(quant_config.bit_choices)
+  sizes, fixed, free = _kernels_to_allocate(folded_params, evaluator.setup)
+  sensitivities, seconds = {}, {}
+  for name in quant_config.budget_sensitivities:
+    start = time.time()
+    sensitivities[name] = layer_sensitivities(evaluator, folded_params, free, name, bit_choices,
+                                              quant_config.hutchinson_samples,
+                                              quant_config.hutchinson_batches)
+    seconds[name] = time.time() - start
+    yield "layer_sensitivities", {
+        "sensitivity": name, "seconds": seconds[name], "bit_choices": bit_choices,
+        "values": {path: [values[bits] for bits in bit_choices]
+                   for path, values in sensitivities[name].items()}}
+  act_bits = quant_config.budget_act_bits
+  for budget in quant_config.bit_budgets:
+    for name in quant_config.budget_sensitivities:
+      widths = mixed.allocate(sensitivities[name], sizes, budget, fixed=fixed,
+                              method=quant_config.budget_allocation)
+      allocated = evaluator.with_setup(dataclasses.replace(
+          evaluator.setup, weight_rules=mixed.width_rules(widths)))
+      qparams, times = allocated.quantized_weights(folded_params, max(bit_choices))
+      yield "mixed", {"bit_budget": float(budget), "sensitivity": name,
+                      "allocation": quant_config.budget_allocation,
+                      "average_bits": quant.bit_budget(widths, sizes), "act_bits": act_bits,
+                      "accuracy": allocated.accuracy(qparams, act_bits), "layer_bits": widths,
+                      "sensitivity_seconds": seconds[name], **times}
+
+
 def sweep(config: ml_collections.ConfigDict, setup: QuantSetup, model, params: PyTree,
           batch_stats: PyTree, pipeline, mesh) -> Iterator[tuple[str, Row]]:
   """The sweep of config.quant (its setup: sweep_setup) on one trained model: yields
   ('rows', row) for each bit setting, then ('sensitivity', row) for each layer when
-  quant.sensitivity_bits is set."""
+  quant.sensitivity_bits is set, then mixed_precision's rows when quant.bit_budgets is set."""
   model, folded_params = prepare_folded(setup, model, params, batch_stats)
   evaluator = SweepEvaluator(model, pipeline, mesh, setup, config.eval.batch_size,
                              config.eval.split)
@@ -450,3 +541,5 @@ def sweep(config: ml_collections.ConfigDict, setup: QuantSetup, model, params: P
   if config.quant.sensitivity_bits is not None:
     for row in layer_sensitivity(evaluator, folded_params, config.quant.sensitivity_bits):
       yield "sensitivity", row
+  if config.quant.bit_budgets:
+    yield from mixed_precision(evaluator, folded_params, config.quant)

@@ -149,6 +149,13 @@ def subtree(tree: PyTree, path: Sequence[str]) -> PyTree:
   return tree
 
 
+def replace_leaf(tree: PyTree, path: Sequence[str], value) -> PyTree:
+  """A copy of the nested dict `tree` with the node at a path of keys replaced."""
+  if not path:
+    return value
+  return {**tree, path[0]: replace_leaf(tree[path[0]], path[1:], value)}
+
+
 def path_names(path) -> tuple[str, ...]:
   """A jax key path as plain strings, e.g. ('conv1', 'conv', 'kernel')."""
   return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
@@ -202,8 +209,7 @@ def weight_bits_for(path: tuple[str, ...], default_bits: int | None,
 
 def kernel_paths(params: PyTree) -> list[str]:
   """The '/'-joined paths of every kernel in params, the strings weight rules match."""
-  return ["/".join(path_names(path)) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-          if is_kernel(path_names(path), leaf)]
+  return list(kernel_sizes(params))
 
 
 def check_rules_match(paths: Sequence[str], rules: Sequence[WeightRule]) -> None:
@@ -220,6 +226,28 @@ def check_rules_match(paths: Sequence[str], rules: Sequence[WeightRule]) -> None
 def setting_name(bits: int | None) -> str:
   """A bit-width as written in configs, tables and rules: 'float' for None."""
   return "float" if bits is None else str(bits)
+
+
+# Bits a float (unquantized) kernel counts for in a budget: float32.
+FLOAT_BITS = 32
+
+
+def bit_budget(widths: Mapping[str, int | None], sizes: Mapping[str, int]) -> float:
+  """The average bits per weight of per-kernel bit-widths, counted over kernel elements:
+  sum_l size_l * bits_l / sum_l size_l over every kernel in `sizes` (first and last
+  included), a float kernel (None) counting FLOAT_BITS."""
+  if set(widths) != set(sizes):
+    raise ValueError(f"bit_budget: widths name {sorted(widths)}, sizes {sorted(sizes)}.")
+  total = sum(sizes.values())
+  return sum(size * (FLOAT_BITS if widths[path] is None else widths[path])
+             for path, size in sizes.items()) / total
+
+
+def kernel_sizes(params: PyTree) -> dict[str, int]:
+  """{'/'-joined kernel path: its number of elements}, the weights a budget counts."""
+  return {"/".join(path_names(path)): int(np.prod(np.shape(leaf)))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+          if is_kernel(path_names(path), leaf)}
 
 
 def quantize_params_to_integers(params: PyTree, bits: int | None, *, scheme: str = "symmetric",

@@ -48,6 +48,15 @@ def results_table(results: Results) -> str:
     table += "| layer | weight bits | accuracy (%) |\n|---|---|---|\n"
     table += "".join(f"| {r['layer']} | {r['weight_bits']} | {100 * r['accuracy']:.2f} |\n"
                      for r in results["sensitivity"])
+  if "mixed" in results:
+    table += ("\nMixed precision (bits per kernel under an average-bits budget):\n\n"
+              "| budget (bits) | sensitivity | allocation | average bits | activation bits | "
+              "accuracy (%) | bits per kernel |\n|---|---|---|---|---|---|---|\n")
+    table += "".join(
+        f"| {r['bit_budget']:g} | {r['sensitivity']} | {r['allocation']} | "
+        f"{r['average_bits']:.3f} | {setting_name(r['act_bits'])} | {100 * r['accuracy']:.2f} | "
+        f"{' '.join(setting_name(b) for b in r['layer_bits'].values())} |\n"
+        for r in results["mixed"])
   return table
 
 
@@ -124,8 +133,15 @@ def collect_sweep(events: Iterable[tuple[str, dict[str, Any]]], quantization: st
     if kind == "rows":
       print_once(f"  W{setting_name(row['weight_bits']):>5} A{setting_name(row['act_bits']):>5}  "
                  f"accuracy {row['accuracy']:.4f}  ({seconds:.1f}s)")
-    else:
+    elif kind == "sensitivity":
       print_once(f"  {row['layer']:<40} W{row['weight_bits']}  accuracy {row['accuracy']:.4f}")
+    elif kind == "layer_sensitivities":
+      print_once(f"Layer sensitivities by {row['sensitivity']} ({row['seconds']:.1f}s)")
+    else:
+      print_once(f"  budget {row['bit_budget']:g} bits ({row['sensitivity']}, "
+                 f"{row['allocation']}): {row['average_bits']:.3f} bits per weight, "
+                 f"A{setting_name(row['act_bits'])}  accuracy {row['accuracy']:.4f}  "
+                 f"({seconds:.1f}s)")
   return results
 
 

@@ -82,6 +82,13 @@ def snapshot(directory) -> dict[str, str]:
                                 r"'percentile', 'mse'\)"),
     ("quant.weight_rules", ("conv9/.*=8",), r"quant.weight_rules \['conv9/\.\*=8'\] match no "
                                             r"kernel"),
+    ("quant.bit_budgets", (3.0, 1.5), r"quant.bit_budgets entry 1.5 must be a number of bits per "
+                                      r"weight in \[2, 16\]"),
+    ("quant.bit_choices", (), r"quant.bit_choices is empty"),
+    ("quant.budget_sensitivities", ("fisher",), r"Unknown sensitivity 'fisher'; expected one of "
+                                                r"\('measured', 'bound', 'hessian'\)"),
+    ("quant.budget_allocation", "ilp", r"Unknown allocation 'ilp'; expected one of "
+                                       r"\('knapsack', 'greedy'\)"),
 ])
 def test_bad_config_value(idx_dir, reference_copy, field, value, message):
   config = tiny_config(idx_dir)
@@ -99,6 +106,16 @@ def test_bad_config_value_leaves_a_new_workdir_unmade(idx_dir, tmp_path):
   config = tiny_config(idx_dir)
   config.quant.bit_settings = [(4, 1)]
   with pytest.raises(ValueError, match="act_bits=1"):
+    main.train_and_evaluate(config, str(tmp_path / "new"))
+  assert not os.path.exists(tmp_path / "new")
+
+
+def test_a_bit_budget_the_rules_make_impossible_fails_before_training(idx_dir, tmp_path):
+  config = tiny_config(idx_dir)
+  config.quant.bit_budgets = (2.0,)
+  config.quant.weight_rules = ("conv1/.*=8",)
+  with pytest.raises(ValueError, match=r"A bit budget of 2 bits per weight is below the least "
+                                       r"the choices allow \(2\.0"):
     main.train_and_evaluate(config, str(tmp_path / "new"))
   assert not os.path.exists(tmp_path / "new")
 

@@ -13,7 +13,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     # core: pure, no I/O but data
-    "quant", "rounding", "parallel", "models", "equalize", "objectives", "bound", "tfds_data",
+    "quant", "rounding", "parallel", "models", "equalize", "objectives", "bound", "mixed",
+    "tfds_data",
     "data",
     # results files, metric logs
     "report", "metrics",

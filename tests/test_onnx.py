@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from qreg import checkpoint, data, export, onnx_export, ptq, quant
+from qreg import checkpoint, data, export, integer_file, onnx_export, ptq, quant
 from qreg import config as config_lib
 from qreg.models import BN_EPSILON, MobileNetV2, ResNet18, SmallCNN
 from tests.conftest import jit_init, SHORT_MOBILENETV2_STAGES
@@ -68,6 +68,33 @@ def test_a_4_bit_small_cnn_in_onnxruntime_gets_the_sweeps_predictions(reference_
   np.testing.assert_allclose(outputs, logits, rtol=1e-5, atol=1e-5)
   fused = run_onnx(path, images).argmax(-1)
   assert int(np.sum(fused != predictions)) <= 3
+
+
+def test_a_mixed_precision_budget_exports_the_sweeps_bits_and_accuracy(reference_copy, tmp_path):
+  config = checkpoint.read_run_config(reference_copy)
+  config.quant.bit_settings = ()
+  config.quant.bit_budgets = (3.0,)
+  run = checkpoint.load_run(reference_copy, config)
+  pipeline = data.build_input_pipeline(config.data)
+  setup = ptq.sweep_setup(config, run.model, pipeline.info.image_shape)
+  [row] = [row for kind, row in ptq.sweep(config, setup, run.model, run.variables["params"],
+                                          run.variables["batch_stats"], pipeline,
+                                          ptq.parallel.make_mesh()) if kind == "mixed"]
+  assert row["average_bits"] <= 3.0 and len(set(row["layer_bits"].values())) > 1
+  npz, graph = str(tmp_path / "model.npz"), str(tmp_path / "model.onnx")
+  export.export_workdir(reference_copy, None, npz, act_bits=8, bit_budget=3.0)
+  export.export_workdir(reference_copy, None, graph, act_bits=8, file_format="onnx",
+                        bit_budget=3.0)
+  header = integer_file.load(npz)[2]
+  assert header["bit_budget"] == 3.0
+  assert {p: e["bits"] for p, e in header["leaves"].items() if e["kind"] == "quantized"} == (
+      row["layer_bits"])
+  images, labels = [], []
+  for batch in pipeline.eval_batches(config.eval.batch_size, split="test"):
+    images.append(batch["image"][batch["mask"] > 0])
+    labels.append(batch["label"][batch["mask"] > 0])
+  predictions = run_onnx(graph, np.concatenate(images), optimize=False).argmax(-1)
+  assert float(np.mean(predictions == np.concatenate(labels))) == row["accuracy"]
 
 
 def _dyadic(model, shape, bits, seed=0):
