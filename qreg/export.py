@@ -34,19 +34,23 @@ FORMATS = ("npz", "onnx")
 
 def export_workdir(workdir: str, weight_bits: int | None, out: str,
                    act_bits: int | None = None, file_format: str = "npz",
-                   bit_budget: float | None = None, sensitivity: str = "bound") -> dict[str, int]:
+                   bit_budget: float | None = None, sensitivity: str = "bound",
+                   int4: bool = False) -> dict[str, int]:
   """Exports the workdir's last checkpoint to `out`; returns sizes in bytes.
 
   file_format: 'npz', the packed integer file (docs/export.md), or 'onnx', a QDQ graph that
   onnxruntime runs (qreg.onnx_export). Kernels at weight_bits, or (bit_budget instead) at the
   bits per kernel that mixed precision allocates for that average on `sensitivity` (the run's
-  quant.bit_choices and quant.budget_allocation), as the sweep's mixed rows. Needs only the
-  workdir, plus the training data's calibration batches when act_bits or bit_budget is set.
+  quant.bit_choices and quant.budget_allocation), as the sweep's mixed rows. int4: ONNX
+  initializers of int4/uint4 for kernels of 4 bits or fewer. Needs only the workdir, plus the
+  training data's calibration batches when act_bits or bit_budget is set.
   """
   if file_format not in FORMATS:
     raise ValueError(f"--format={file_format!r}: expected one of {FORMATS}.")
   if (weight_bits is None) == (bit_budget is None):
     raise ValueError("Pass exactly one of --weight_bits and --bit_budget.")
+  if int4 and file_format != "onnx":
+    raise ValueError("--int4 is an ONNX container; the npz file packs every bit-width already.")
   quant.check_bits(weight_bits, "--weight_bits")
   quant.check_bits(act_bits, "--act_bits")
   config, _, variables, model = checkpoint.load_run(workdir)
@@ -77,7 +81,7 @@ def export_workdir(workdir: str, weight_bits: int | None, out: str,
   if file_format == "onnx":
     graph = onnx_export.build(
         model, integers, data.image_shape(config.data.name, config.data.image_size), act_bits,
-        ranges, schemes)
+        ranges, schemes, int4)
     with report.atomic_file(out, "wb") as f:
       f.write(graph.SerializeToString())
   else:
@@ -90,10 +94,10 @@ def export_workdir(workdir: str, weight_bits: int | None, out: str,
 
 def main(workdir: str, weight_bits: int | None, out: str, act_bits: int | None,
          file_format: str = "npz", bit_budget: float | None = None,
-         sensitivity: str = "bound") -> None:
+         sensitivity: str = "bound", int4: bool = False) -> None:
   cli.configure_logging()
   sizes = export_workdir(workdir, weight_bits, out, act_bits, file_format, bit_budget,
-                         sensitivity)
+                         sensitivity, int4)
   bits = weight_bits if bit_budget is None else bit_budget
   print(f"Wrote {out}: {sizes['export_bytes']:,} bytes; float32 folded params "
         f"{sizes['float_params_bytes']:,} bytes (ratio "
@@ -116,5 +120,7 @@ if __name__ == "__main__":
   _OUT = flags.DEFINE_string("out", None, "Output file (.npz or .onnx).", required=True)
   _FORMAT = flags.DEFINE_enum("format", "npz", list(FORMATS),
                               "npz: the packed integer file; onnx: a QDQ graph for onnxruntime.")
+  _INT4 = flags.DEFINE_bool("int4", False, "ONNX: kernels of 4 bits or fewer in int4/uint4 "
+                            "initializers (half the bytes; onnxruntime's CPU runs them).")
   cli.run(lambda argv: main(_WORKDIR.value, _WEIGHT_BITS.value, _OUT.value, _ACT_BITS.value,
-                            _FORMAT.value, _BIT_BUDGET.value, _SENSITIVITY.value))
+                            _FORMAT.value, _BIT_BUDGET.value, _SENSITIVITY.value, _INT4.value))

@@ -11,8 +11,9 @@
   symmetric grid's -127..127 in int8's -128..127), a Clip to the grid's float range comes first,
   so that the codes are the sweep's: clip(round(x / scale) + zero_point, qmin, qmax).
 - The graph takes NHWC images like qreg's models and transposes them to ONNX's NCHW once.
-- Opset 21; int8/uint8 containers for every bit-width (ONNX's int4 types need DequantizeLinear
-  kernels not every runtime has).
+- Opset 21; int8/uint8 weight containers, or with int4=True int4/uint4 ones for kernels of 4
+  bits or fewer (half the bytes; onnxruntime's CPU DequantizeLinear runs them, not every
+  runtime's does).
 
 The graph is built per layer with onnx.helper by one builder per model family, mirroring its
 Flax __call__ (ConvNet: SmallCNN and VGG-like; ResNet18; MobileNetV2, depthwise convolutions as
@@ -24,6 +25,7 @@ rounds half to even, like jnp.round.
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -50,9 +52,9 @@ class GraphBuilder:
   """Nodes, initializers and the NCHW shapes of the tensors built so far."""
 
   def __init__(self, image_shape: tuple[int, ...], act_bits: int | None, ranges: PyTree,
-               schemes: Mapping[str, str]):
+               schemes: Mapping[str, str], int4: bool = False):
     self.nodes, self.initializers, self.shapes = [], [], {}
-    self.act_bits, self.ranges, self.schemes = act_bits, ranges, schemes
+    self.act_bits, self.ranges, self.schemes, self.int4 = act_bits, ranges, schemes, int4
     self._count = 0
     height, width, channels = image_shape
     self.input = helper.make_tensor_value_info("images", TensorProto.FLOAT,
@@ -77,7 +79,10 @@ class GraphBuilder:
   def dequantized_weight(self, path: str, q: quant.Quantized, layout: str) -> str:
     """DequantizeLinear of a kernel's codes, in ONNX's layout (conv: OIHW; dense: (in, out))."""
     codes = np.asarray(q.codes)
-    container = np.uint8 if q.scheme == "asymmetric" else np.int8
+    if self.int4 and q.bits <= 4:  # packed two to a byte by numpy_helper
+      container = ml_dtypes.uint4 if q.scheme == "asymmetric" else ml_dtypes.int4
+    else:
+      container = np.uint8 if q.scheme == "asymmetric" else np.int8
     scale, zero_point = np.asarray(q.scale, np.float32), np.asarray(q.zero_point)
     per_channel = scale.size > 1
     if layout == "conv":  # HWIO -> OIHW
@@ -241,9 +246,11 @@ def _mobilenetv2(b: GraphBuilder, model, params: PyTree) -> str:
 
 
 def build(model, weight_integers: PyTree, image_shape: tuple[int, ...], act_bits: int | None,
-          ranges: PyTree | None, schemes: Mapping[str, str]) -> onnx.ModelProto:
+          ranges: PyTree | None, schemes: Mapping[str, str], int4: bool = False
+          ) -> onnx.ModelProto:
   """The QDQ graph of a built-in model's folded params, whose kernels are quant.Quantized
-  (QuantSetup.weight_integers); ranges / schemes: each tap's calibrated range and scheme."""
+  (QuantSetup.weight_integers); ranges / schemes: each tap's calibrated range and scheme;
+  int4: kernels of 4 bits or fewer in int4/uint4 initializers."""
   from qreg.models import convnets, mobilenet, resnet  # pylint: disable=g-import-not-at-top
   builders = ((convnets.ConvNet, _conv_net), (resnet.ResNet18, _resnet18),
               (mobilenet.MobileNetV2, _mobilenetv2))
@@ -251,5 +258,5 @@ def build(model, weight_integers: PyTree, image_shape: tuple[int, ...], act_bits
   if builder is None:
     raise ValueError(f"ONNX export knows the built-in models (small_cnn, vgg_like, resnet18, "
                      f"mobilenetv2), not {type(model).__name__}.")
-  b = GraphBuilder(tuple(image_shape), act_bits, ranges, schemes)
+  b = GraphBuilder(tuple(image_shape), act_bits, ranges, schemes, int4)
   return b.model(builder(b, model, weight_integers), type(model).__name__)

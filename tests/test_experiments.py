@@ -9,7 +9,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs.tables import lazy, paper, tuning
-from experiments import folded_ranges, make_tables, reevaluate, run_sweep, table1, tune
+from experiments import folded_ranges, make_tables, mixed_precision, reevaluate, run_sweep, table1
+from experiments import tune
 from qreg import config as config_lib
 from qreg import checkpoint, evaluate, train
 from qreg.models import SmallCNN
@@ -428,3 +429,49 @@ def test_folded_ranges_reads_each_output_channels_range():
   assert [path for _, path, _ in spreads] == ["a/conv/kernel", "b/kernel"]
   np.testing.assert_allclose(spreads[0][0], naive[0] / naive[1], rtol=1e-6)
   np.testing.assert_allclose(spreads[0][2], naive[0], rtol=1e-6)
+
+
+def _naive_spearman(a, b):
+  """Pearson's correlation of the ranks (no ties in these inputs)."""
+  rank = lambda x: np.argsort(np.argsort(x)).astype(float)
+  return float(np.corrcoef(rank(a), rank(b))[0, 1])
+
+
+def test_mixed_precision_summary_against_a_naive_reading(tmp_path):
+  rng = np.random.default_rng(0)
+  kernels, choices = ["a/kernel", "b/kernel", "c/kernel"], [2, 4, 8]
+  accuracy = {}
+  for method in ("no-reg", "l1"):
+    for seed in (0, 1):
+      values = {name: {k: list(rng.normal(size=3)) for k in kernels}
+                for name in ("measured", "bound", "hessian")}
+      accuracy[method, seed] = {budget: rng.uniform(0.1, 0.9) for budget in (2.0, 3.0)}
+      results = {
+          "rows": [{"weight_bits": None, "act_bits": None, "accuracy": 0.9},
+                   {"weight_bits": 2, "act_bits": 8, "accuracy": 0.5}],
+          "layer_sensitivities": [{"sensitivity": name, "seconds": 1.0 + seed,
+                                   "bit_choices": choices, "values": values[name]}
+                                  for name in values],
+          "mixed": [{"bit_budget": budget, "sensitivity": "bound", "average_bits": budget,
+                     "accuracy": acc, "layer_bits": dict.fromkeys(kernels, 2)}
+                    for budget, acc in accuracy[method, seed].items()]}
+      run_dir = tmp_path / method / f"seed{seed}"
+      os.makedirs(run_dir)
+      with open(run_dir / mixed_precision.RESULTS_NAME, "w") as f:
+        json.dump(results, f)
+      correlations = mixed_precision.rank_correlations(
+          {r["sensitivity"]: r for r in results["layer_sensitivities"]})
+      flat = lambda name: [v for k in kernels for v in values[name][k]]
+      np.testing.assert_allclose(correlations["bound"]["all_pairs"],
+                                 _naive_spearman(flat("measured"), flat("bound")))
+      across = [_naive_spearman([values["measured"][k][i] for k in kernels],
+                                [values["hessian"][k][i] for k in kernels]) for i in range(3)]
+      np.testing.assert_allclose(correlations["hessian"]["across_kernels"], np.mean(across))
+  table = mixed_precision.write_mixed(str(tmp_path), str(tmp_path / "out"))
+  for method in ("no-reg", "l1"):
+    cells = [np.array([100 * accuracy[method, s][b] for s in (0, 1)]) for b in (2.0, 3.0)]
+    row = f"| {method} | bound | " + " | ".join(
+        f"{c.mean():.2f} ± {c.std(ddof=1):.2f}" for c in cells) + " |"
+    assert row in table
+    assert f"| {method} | uniform | 50.00 ± 0.00 |  |" in table
+  assert os.path.exists(tmp_path / "out" / "mixed.png")

@@ -146,6 +146,27 @@ def test_the_qdq_graph_computes_the_sweeps_quantized_model_exactly(name, model, 
       model.clone(folded=True, act_bits=bits, act_scheme=setup.act_scheme).apply, train=False))
   expected = np.asarray(apply({"params": qparams, "activation_ranges": ranges}, images))
   np.testing.assert_array_equal(run_onnx(graph, images, optimize=False), expected)
+  if bits <= 4:  # int4 initializers: the same outputs from half the weight bytes
+    packed = onnx_export.build(model, setup.weight_integers(folded, bits), shape[1:], bits,
+                               ranges, schemes, int4=True)
+    kernels = [t for t in packed.graph.initializer if "/codes" in t.name]
+    assert kernels and all(t.data_type == onnx.TensorProto.INT4 for t in kernels)
+    assert packed.ByteSize() < graph.ByteSize()
+    np.testing.assert_array_equal(run_onnx(packed, images, optimize=False), expected)
+
+
+def test_asymmetric_kernels_in_uint4_give_the_uint8_graphs_outputs():
+  shape = (1, 16, 16, 1)
+  folded, images = _dyadic(MODELS_SMALL_CNN, shape, 4)
+  base = config_lib.base_config()
+  base.quant.weight_scheme = "asymmetric"
+  integers = ptq.build_quant_setup(base.quant).weight_integers(folded, 3)
+  graphs = [onnx_export.build(MODELS_SMALL_CNN, integers, shape[1:], None, None, {}, int4=int4)
+            for int4 in (False, True)]
+  assert {t.data_type for t in graphs[1].graph.initializer if "/codes" in t.name} == {
+      onnx.TensorProto.UINT4}
+  np.testing.assert_array_equal(run_onnx(graphs[1], images, optimize=False),
+                                run_onnx(graphs[0], images, optimize=False))
 
 
 def _power_of_two_range(bits, scheme):
@@ -207,3 +228,7 @@ def test_unknown_models_and_formats_are_refused(reference_copy, tmp_path):
     export.export_workdir(reference_copy, 4, str(tmp_path / "m"), file_format="tflite")
   with pytest.raises(ValueError, match="built-in models"):
     onnx_export.build(object(), {}, (28, 28, 1), None, None, {})
+  with pytest.raises(ValueError, match="--int4 is an ONNX container"):
+    export.export_workdir(reference_copy, 4, str(tmp_path / "m"), int4=True)
+  with pytest.raises(ValueError, match="exactly one of --weight_bits and --bit_budget"):
+    export.export_workdir(reference_copy, 4, str(tmp_path / "m"), bit_budget=3.0)
