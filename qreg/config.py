@@ -99,6 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.num_epochs = 10
   config.train.log_every_steps = 100
+  # Also log every kernel's and BatchNorm scale's L2 norm (norms/...) at each log window.
+  config.train.log_norms = False
   # Checkpoints are saved at each epoch end, on SIGTERM/SIGINT and, when > 0, every this many steps.
   config.train.checkpoint_every_steps = 0
   # At least 2, so that a damaged latest checkpoint leaves an earlier one to resume from.

@@ -90,6 +90,20 @@ def kernels(params: PyTree) -> list[jax.Array]:
                                           jax.tree.leaves(kernel_mask(params))) if is_kernel]
 
 
+def parameter_norms(params: PyTree) -> dict[str, jax.Array]:
+  """{'<layer path>/kernel' or '<layer path>/bn_scale': its L2 norm} for every kernel and
+  BatchNorm scale (gamma): the directions along which BatchNorm lets the uniform penalty fall
+  at no cost to the function (docs/bound.md)."""
+  norms = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = quant.path_names(path)
+    if quant.is_kernel(names, leaf):
+      norms["/".join(names)] = jnp.linalg.norm(leaf)
+    elif names[-2:] == ("bn", "scale"):
+      norms["/".join(names[:-2]) + "/bn_scale"] = jnp.linalg.norm(leaf)
+  return norms
+
+
 def zero_perturbations(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree,
                        images: jax.Array) -> PyTree:
   """Zeros shaped like every tapped activation for this batch (shape-only trace)."""

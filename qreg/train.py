@@ -461,6 +461,9 @@ def train_in_workdir(setup: TrainingSetup, workdir: str) -> TrainState:
           summary = _window_means(window)
           _check_finite(summary, done)
           writer.write_scalars(done, {f"train/{k}": v for k, v in summary.items()})
+          if config.train.log_norms:
+            writer.write_scalars(done, {f"norms/{k}": float(v) for k, v in jax.device_get(
+                objectives.parameter_norms(state.params)).items()})
           window = []
         if last_in_epoch:
           # eval.split: never the test set while hyperparameters are being chosen.

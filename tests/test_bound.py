@@ -2,6 +2,7 @@
 per-channel loop, finite differences, the loss increase of an actual worst-case perturbation,
 and the rescalings it must be (and the uniform penalty is not) invariant to."""
 import functools
+import json
 
 import chex
 import jax
@@ -12,6 +13,7 @@ import pytest
 from qreg import bound, objectives, quant
 from qreg import config as config_lib
 from qreg.models import BN_EPSILON
+from tests.conftest import latest_state
 from tests.test_objectives import MODEL, SHAPE, SmoothMLP
 
 FOLDED = MODEL.clone(folded=True)
@@ -321,7 +323,19 @@ def test_a_bound_run_trains_with_the_lazy_schedules(idx_dir, tmp_path):
   config.reg.form, config.reg.bound_bits = "bound", 3
   config.reg.every_k_steps, config.reg.penalty_batch_fraction = 2, 0.5
   config.reg.bound_steps = "differentiated"
+  config.train.log_norms = True
   main.train_and_evaluate(config, str(tmp_path / "run"))
   with open(tmp_path / "run" / "metrics.jsonl") as f:
-    lines = [l for l in f if "bound_weights" in l]
-  assert lines  # the bound's terms are logged on the regularized epoch
+    records = [json.loads(l) for l in f]
+  assert any("train/bound_weights" in r for r in records)  # logged on the regularized epoch
+  # train.log_norms: the last window's norms are the final checkpoint's, by numpy.
+  step, state = latest_state(str(tmp_path / "run"))
+  logged = [r for r in records if r["step"] == step and any(k.startswith("norms/") for k in r)][-1]
+  params = state["params"]
+  expected = {"norms/conv1/conv/kernel": params["conv1"]["conv"]["kernel"],
+              "norms/conv1/bn_scale": params["conv1"]["bn"]["scale"],
+              "norms/head/kernel": params["head"]["kernel"]}
+  for key, array in expected.items():
+    np.testing.assert_allclose(logged[key], np.sqrt(np.sum(np.square(np.asarray(array)))),
+                               rtol=1e-6)
+  assert len([k for k in logged if k.startswith("norms/")]) == 5 + 4  # kernels, BatchNorms
