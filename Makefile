@@ -33,7 +33,7 @@ evaluate: setup data
 # The test suite; the test on the real Fashion-MNIST files is skipped if they are absent.
 test: setup
 	-@$(MAKE) --no-print-directory data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # Step cost of each reg.impl relative to a plain step (docs/cost.md);
 # e.g. make benchmark BENCHMARK_FLAGS="--models=vgg_like,resnet18 --batch_sizes=32 --steps=10".
