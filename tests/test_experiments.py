@@ -475,3 +475,28 @@ def test_mixed_precision_summary_against_a_naive_reading(tmp_path):
     assert row in table
     assert f"| {method} | uniform | 50.00 ± 0.00 |  |" in table
   assert os.path.exists(tmp_path / "out" / "mixed.png")
+
+
+def test_drift_attributes_a_pure_kernel_rescaling_wholly_to_kernel_growth():
+  from experiments import drift  # pylint: disable=g-import-not-at-top
+  from qreg import quant  # pylint: disable=g-import-not-at-top
+  from tests.conftest import jit_init  # pylint: disable=g-import-not-at-top
+  model = SmallCNN(widths=(4, 8, 8), hidden=16)
+  variables = jit_init(model, (1, 28, 28, 1))
+  rng = np.random.default_rng(0)
+  batches = [(rng.normal(size=(16, 28, 28, 1)).astype(np.float32),
+              rng.integers(0, 10, 16).astype(np.int32)) for _ in range(2)]
+  params, stats = variables["params"], variables["batch_stats"]
+  path = ["conv2", "conv", "kernel"]
+  grown = quant.replace_leaf(params, path, 2.0 * quant.subtree(params, path))
+  runs = [{"params": p, "terms": drift.gradient_terms(p, stats, model.apply, batches)}
+          for p in (params, grown)]
+  # BatchNorm makes the train-mode loss blind to conv2's scale: its gradient halves.
+  np.testing.assert_allclose(runs[1]["terms"]["kernels"]["conv2/conv/kernel"],
+                             runs[0]["terms"]["kernels"]["conv2/conv/kernel"] / 2, rtol=1e-4)
+  result = drift.compare(*runs)
+  np.testing.assert_allclose(result["weight_term_at_reference_norms"],
+                             result["weight_term_reference"], rtol=1e-4)
+  np.testing.assert_allclose(result["explained_by_kernel_growth"], 1.0, rtol=1e-3)
+  np.testing.assert_allclose(result["norm_ratios"]["conv2/conv/kernel"], 2.0, rtol=1e-6)
+  assert not drift._bn_followed(params, "head/kernel")  # pylint: disable=protected-access

@@ -92,7 +92,7 @@ def test_adaround_reconstructs_each_layer_better_than_nearest_rounding(folded_an
     changed += int(np.sum(codes != nearest_codes))
     # The layer's output with the float, AdaRound and nearest kernels, the layers before it
     # as AdaRound left them (what it reconstructs).
-    outputs = {name: np.asarray(layer_outputs(ptq._with_leaf(rounded, keys, kernel),
+    outputs = {name: np.asarray(layer_outputs(quant.replace_leaf(rounded, keys, kernel),
                                               images)[layer], np.float64)
                for name, kernel in (("float", w), ("adaround", quant.subtree(rounded, keys)),
                                     ("nearest", quant.subtree(nearest, keys)))}

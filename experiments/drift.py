@@ -1,0 +1,119 @@
+"""Does the uniform penalty fall by growing kernels? (issue 23, point 1)
+
+    python -m experiments.drift --reference=<no-reg run>,... --runs=<regularized run>,... \
+        --labels=l1,... --out=<dir>
+
+In training mode BatchNorm makes the loss invariant to the scale of the kernel before it:
+scaling W_l by s leaves the function alone and divides ||dL/dW_l||_1 by s, so
+F_l = ||dL/dW_l||_1 * ||W_l||_2 does not move. The uniform weight term T = sum_l ||dL/dW_l||_1
+can therefore fall by kernel growth alone. For each regularized run against the no-reg run of
+the same seed (same initialization and batches), from their last checkpoints:
+
+- T, each run's weight term: the mean over training batches (the config's batch size) of
+  sum_l ||dL/dW_l||_1, train mode, as the penalty sees it;
+- T*, the regularized run's term had its BN-followed kernels kept no-reg's norms (the same
+  function): sum over those of F_l / ||W_l^no-reg||, plus the other kernels' terms as they are;
+- explained = (T* - T) / (T_no-reg - T), the share of the decrease that kernel growth accounts
+  for (1: all of it; 0: none);
+- per layer, the kernel and BatchNorm-scale norm ratios to no-reg, and the activation term.
+"""
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from qreg import checkpoint, cli, data, objectives, quant, report
+
+NUM_BATCHES = 10
+
+
+def _bn_followed(params, path: str) -> bool:
+  """Whether the kernel at path ('conv1/conv/kernel') has a BatchNorm sibling ('conv1/bn')."""
+  parent = quant.subtree(params, path.split("/")[:-2])
+  return isinstance(parent, dict) and "bn" in parent
+
+
+def gradient_terms(params, batch_stats, apply_fn, batches) -> dict:
+  """{'kernels': {path: mean ||dL/dW||_1}, 'activations': mean sum_t ||dL/da_t||_1}, train mode."""
+  @jax.jit
+  def terms(images, labels):
+    batch = {"image": images, "label": labels}
+    perturbations = objectives.zero_perturbations(apply_fn, params, batch_stats, images)
+    (grad_w, grad_a), _ = objectives.task_gradients(params, perturbations, batch_stats, batch,
+                                                    apply_fn)
+    kernels = {"/".join(quant.path_names(p)): jnp.sum(jnp.abs(g))
+               for p, g in jax.tree_util.tree_leaves_with_path(grad_w)
+               if quant.path_names(p)[-1] == "kernel"}
+    return kernels, objectives.l1_norm(grad_a)
+
+  per_batch = [jax.device_get(terms(images, labels)) for images, labels in batches]
+  return {"kernels": {k: float(np.mean([b[0][k] for b in per_batch])) for k in per_batch[0][0]},
+          "activations": float(np.mean([b[1] for b in per_batch]))}
+
+
+def compare(reference: dict, regularized: dict) -> dict:
+  """The decomposition of the module docstring, from two runs' {'params', 'terms'}."""
+  norms_ref = jax.device_get(objectives.parameter_norms(reference["params"]))
+  norms = jax.device_get(objectives.parameter_norms(regularized["params"]))
+  g_ref, g = reference["terms"]["kernels"], regularized["terms"]["kernels"]
+  counterfactual = sum(
+      g[path] * float(norms[path]) / float(norms_ref[path])
+      if _bn_followed(regularized["params"], path) else g[path] for path in g)
+  total_ref, total = sum(g_ref.values()), sum(g.values())
+  decrease = total_ref - total
+  return {
+      "weight_term_reference": total_ref, "weight_term": total,
+      "weight_term_at_reference_norms": counterfactual,
+      "explained_by_kernel_growth": (counterfactual - total) / decrease if decrease > 0 else None,
+      "activation_term_reference": reference["terms"]["activations"],
+      "activation_term": regularized["terms"]["activations"],
+      "norm_ratios": {k: float(norms[k]) / float(norms_ref[k]) for k in norms}}
+
+
+def load(workdir: str, num_batches: int = NUM_BATCHES) -> dict:
+  """A run's last params and its gradient terms on the first training batches."""
+  run = checkpoint.load_run(workdir)
+  pipeline = data.build_input_pipeline(run.config.data)
+  batches = [(b["image"], b["label"]) for b in pipeline.eval_batches(
+      run.config.data.batch_size, split="train", num_batches=num_batches)]
+  params, batch_stats = run.variables["params"], run.variables["batch_stats"]
+  return {"params": params,
+          "terms": gradient_terms(params, batch_stats, run.model.apply, batches)}
+
+
+def drift(references: Sequence[str], runs: Sequence[str], labels: Sequence[str], out: str) -> str:
+  """drift.json and drift.md in out: each run against its reference (same seed)."""
+  rows = []
+  for reference, run, label in zip(references, runs, labels):
+    rows.append({"label": label, "run": run, "reference": reference,
+                 **compare(load(reference), load(run))})
+  os.makedirs(out, exist_ok=True)
+  report.write_json_atomic(os.path.join(out, "drift.json"), rows)
+  layers = list(rows[0]["norm_ratios"])
+  lines = ["| run | weight term: no-reg → run | at no-reg's kernel norms | share of the decrease "
+           "explained by kernel growth | activation term: no-reg → run | "
+           + " | ".join(f"{k} norm ratio" for k in layers) + " |",
+           "|---|---|---|---|---|" + "---|" * len(layers)]
+  for r in rows:
+    share = r["explained_by_kernel_growth"]
+    lines.append(
+        f"| {r['label']} | {r['weight_term_reference']:.4g} → {r['weight_term']:.4g} | "
+        f"{r['weight_term_at_reference_norms']:.4g} | "
+        f"{'' if share is None else f'{share:.3f}'} | {r['activation_term_reference']:.4g} → "
+        f"{r['activation_term']:.4g} | "
+        + " | ".join(f"{r['norm_ratios'][k]:.3f}" for k in layers) + " |")
+  table = "\n".join(lines) + "\n"
+  report.write_text_atomic(os.path.join(out, "drift.md"), table)
+  return table
+
+
+if __name__ == "__main__":
+  _REFERENCE = flags.DEFINE_list("reference", None, "No-reg workdirs, one per run.", required=True)
+  _RUNS = flags.DEFINE_list("runs", None, "Regularized workdirs.", required=True)
+  _LABELS = flags.DEFINE_list("labels", None, "A label per run.", required=True)
+  _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+  cli.run(lambda argv: print(drift(_REFERENCE.value, _RUNS.value, _LABELS.value, _OUT.value)))
