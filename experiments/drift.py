@@ -15,7 +15,13 @@ the same seed (same initialization and batches), from their last checkpoints:
   function): sum over those of F_l / ||W_l^no-reg||, plus the other kernels' terms as they are;
 - explained = (T* - T) / (T_no-reg - T), the share of the decrease that kernel growth accounts
   for (1: all of it; 0: none);
-- per layer, the kernel and BatchNorm-scale norm ratios to no-reg, and the activation term.
+- per layer, the kernel and BatchNorm-scale norm ratios to no-reg;
+- the same for the activation term A = sum_t ||dL/da_t||_1: scaling a BatchNorm's (gamma, beta)
+  by s scales the tap after it by s and, where the next layer's BatchNorm removes the scale,
+  divides that tap's term by s. Which tap each BatchNorm frees is found numerically (doubling its
+  (gamma, beta) must leave the logits and halve exactly one tap's term), and A* puts each such
+  tap's term at no-reg's ||(gamma, beta)||: the term of a rescaled copy of the run with the same
+  function.
 """
 import json
 import os
@@ -37,22 +43,57 @@ def _bn_followed(params, path: str) -> bool:
   return isinstance(parent, dict) and "bn" in parent
 
 
-def gradient_terms(params, batch_stats, apply_fn, batches) -> dict:
-  """{'kernels': {path: mean ||dL/dW||_1}, 'activations': mean sum_t ||dL/da_t||_1}, train mode."""
+def _terms_fn(batch_stats, apply_fn):
+  """(params, images, labels) -> (logits, {kernel: ||dL/dW||_1}, {tap: ||dL/da_t||_1}), train mode."""
   @jax.jit
-  def terms(images, labels):
+  def terms(params, images, labels):
     batch = {"image": images, "label": labels}
     perturbations = objectives.zero_perturbations(apply_fn, params, batch_stats, images)
-    (grad_w, grad_a), _ = objectives.task_gradients(params, perturbations, batch_stats, batch,
-                                                    apply_fn)
-    kernels = {"/".join(quant.path_names(p)): jnp.sum(jnp.abs(g))
-               for p, g in jax.tree_util.tree_leaves_with_path(grad_w)
-               if quant.path_names(p)[-1] == "kernel"}
-    return kernels, objectives.l1_norm(grad_a)
+    (grad_w, grad_a), (_, (_, logits)) = objectives.task_gradients(
+        params, perturbations, batch_stats, batch, apply_fn)
+    named = lambda tree: {"/".join(quant.path_names(p)): jnp.sum(jnp.abs(g))
+                          for p, g in jax.tree_util.tree_leaves_with_path(tree)}
+    kernels = {k: v for k, v in named(grad_w).items() if k.endswith("/kernel")}
+    return logits, kernels, named(grad_a)
+  return terms
 
-  per_batch = [jax.device_get(terms(images, labels)) for images, labels in batches]
+
+def _batch_norms(params) -> list[str]:
+  """Paths of every BatchNorm's params ('conv1/bn')."""
+  return ["/".join(quant.path_names(p)[:-1]) for p, _ in jax.tree_util.tree_leaves_with_path(params)
+          if quant.path_names(p)[-2:] == ("bn", "scale")]
+
+
+def _scaled_batch_norm(params, bn: str, factor: float):
+  node = quant.subtree(params, bn.split("/"))
+  return quant.replace_leaf(params, bn.split("/"), {k: v * factor for k, v in node.items()})
+
+
+def freed_taps(params, batch_stats, apply_fn, images, labels) -> dict[str, str]:
+  """{BatchNorm path: the tap whose term doubling its (gamma, beta) halves, the logits kept}."""
+  terms = _terms_fn(batch_stats, apply_fn)
+  logits, _, taps = jax.device_get(terms(params, images, labels))
+  freed = {}
+  for bn in _batch_norms(params):
+    logits2, _, taps2 = jax.device_get(terms(_scaled_batch_norm(params, bn, 2.0), images, labels))
+    if not np.allclose(logits2, logits, rtol=1e-4, atol=1e-4):
+      continue
+    halved = [t for t in taps if abs(taps2[t] / taps[t] - 0.5) < 1e-3]
+    changed = [t for t in taps if abs(taps2[t] / taps[t] - 1.0) > 1e-3]
+    if len(halved) == 1 and changed == halved:
+      freed[bn] = halved[0]
+  return freed
+
+
+def gradient_terms(params, batch_stats, apply_fn, batches) -> dict:
+  """{'kernels': {path: mean ||dL/dW||_1}, 'taps': {tap: mean ||dL/da_t||_1}, 'activations':
+  their sum, 'freed_taps': freed_taps on the first batch}, train mode."""
+  terms = _terms_fn(batch_stats, apply_fn)
+  per_batch = [jax.device_get(terms(params, images, labels))[1:] for images, labels in batches]
+  taps = {k: float(np.mean([b[1][k] for b in per_batch])) for k in per_batch[0][1]}
   return {"kernels": {k: float(np.mean([b[0][k] for b in per_batch])) for k in per_batch[0][0]},
-          "activations": float(np.mean([b[1] for b in per_batch]))}
+          "taps": taps, "activations": sum(taps.values()),
+          "freed_taps": freed_taps(params, batch_stats, apply_fn, *batches[0])}
 
 
 def compare(reference: dict, regularized: dict) -> dict:
@@ -65,7 +106,18 @@ def compare(reference: dict, regularized: dict) -> dict:
       if _bn_followed(regularized["params"], path) else g[path] for path in g)
   total_ref, total = sum(g_ref.values()), sum(g.values())
   decrease = total_ref - total
+  affine = lambda p, bn: float(np.sqrt(sum(np.sum(np.square(np.asarray(v))) for v in
+                                           quant.subtree(p, bn.split("/")).values())))
+  taps, a_ref, a = regularized["terms"]["taps"], reference["terms"]["activations"], regularized[
+      "terms"]["activations"]
+  a_counterfactual = a - sum(taps[t] for t in regularized["terms"]["freed_taps"].values()) + sum(
+      taps[t] * affine(regularized["params"], bn) / affine(reference["params"], bn)
+      for bn, t in regularized["terms"]["freed_taps"].items())
   return {
+      "activation_term_at_reference_affine": a_counterfactual,
+      "activation_explained_by_affine_growth": ((a_counterfactual - a) / (a_ref - a)
+                                                if a_ref > a else None),
+      "freed_taps": regularized["terms"]["freed_taps"],
       "weight_term_reference": total_ref, "weight_term": total,
       "weight_term_at_reference_norms": counterfactual,
       "explained_by_kernel_growth": (counterfactual - total) / decrease if decrease > 0 else None,
@@ -94,18 +146,21 @@ def drift(references: Sequence[str], runs: Sequence[str], labels: Sequence[str],
   os.makedirs(out, exist_ok=True)
   report.write_json_atomic(os.path.join(out, "drift.json"), rows)
   layers = list(rows[0]["norm_ratios"])
+  share = lambda x: "" if x is None else f"{x:.3f}"
   lines = ["| run | weight term: no-reg → run | at no-reg's kernel norms | share of the decrease "
-           "explained by kernel growth | activation term: no-reg → run | "
+           "explained by kernel growth | activation term: no-reg → run | at no-reg's (γ, β) "
+           "norms | share explained by (γ, β) growth | "
            + " | ".join(f"{k} norm ratio" for k in layers) + " |",
-           "|---|---|---|---|---|" + "---|" * len(layers)]
+           "|---|---|---|---|---|---|---|" + "---|" * len(layers)]
   for r in rows:
-    share = r["explained_by_kernel_growth"]
     lines.append(
         f"| {r['label']} | {r['weight_term_reference']:.4g} → {r['weight_term']:.4g} | "
-        f"{r['weight_term_at_reference_norms']:.4g} | "
-        f"{'' if share is None else f'{share:.3f}'} | {r['activation_term_reference']:.4g} → "
-        f"{r['activation_term']:.4g} | "
+        f"{r['weight_term_at_reference_norms']:.4g} | {share(r['explained_by_kernel_growth'])} | "
+        f"{r['activation_term_reference']:.4g} → {r['activation_term']:.4g} | "
+        f"{r['activation_term_at_reference_affine']:.4g} | "
+        f"{share(r['activation_explained_by_affine_growth'])} | "
         + " | ".join(f"{r['norm_ratios'][k]:.3f}" for k in layers) + " |")
+  lines.append(f"\nTaps each BatchNorm frees (found numerically): {rows[0]['freed_taps']}")
   table = "\n".join(lines) + "\n"
   report.write_text_atomic(os.path.join(out, "drift.md"), table)
   return table

@@ -489,6 +489,8 @@ def test_drift_attributes_a_pure_kernel_rescaling_wholly_to_kernel_growth():
   params, stats = variables["params"], variables["batch_stats"]
   path = ["conv2", "conv", "kernel"]
   grown = quant.replace_leaf(params, path, 2.0 * quant.subtree(params, path))
+  bn = quant.subtree(params, ["conv1", "bn"])  # and conv1's BatchNorm scaled by 3: act1 by 3
+  grown = quant.replace_leaf(grown, ["conv1", "bn"], {k: 3.0 * v for k, v in bn.items()})
   runs = [{"params": p, "terms": drift.gradient_terms(p, stats, model.apply, batches)}
           for p in (params, grown)]
   # BatchNorm makes the train-mode loss blind to conv2's scale: its gradient halves.
@@ -499,4 +501,11 @@ def test_drift_attributes_a_pure_kernel_rescaling_wholly_to_kernel_growth():
                              result["weight_term_reference"], rtol=1e-4)
   np.testing.assert_allclose(result["explained_by_kernel_growth"], 1.0, rtol=1e-3)
   np.testing.assert_allclose(result["norm_ratios"]["conv2/conv/kernel"], 2.0, rtol=1e-6)
+  # Each conv's BatchNorm frees the tap after it; fc1's does not (the head has no BatchNorm).
+  assert result["freed_taps"] == {f"conv{i}/bn": f"act{i}/activation" for i in (1, 2, 3)}
+  np.testing.assert_allclose(runs[1]["terms"]["taps"]["act1/activation"],
+                             runs[0]["terms"]["taps"]["act1/activation"] / 3, rtol=1e-4)
+  np.testing.assert_allclose(result["activation_term_at_reference_affine"],
+                             result["activation_term_reference"], rtol=1e-4)
+  np.testing.assert_allclose(result["activation_explained_by_affine_growth"], 1.0, rtol=1e-3)
   assert not drift._bn_followed(params, "head/kernel")  # pylint: disable=protected-access
