@@ -7,7 +7,8 @@ Reads results_mixed.json (experiments.reevaluate --protocol=mixed) of every fini
 - mixed.json: per method, seed, budget and sensitivity the accuracy and average bits; the uniform
   rows (W=b, A8); each proxy's rank correlation with `measured` and its seconds;
 - mixed.md: accuracy (mean ± std over seeds) at each budget by each sensitivity beside uniform
-  widths, the rank correlations and the costs;
+  widths, the rank correlations and the costs (median and range: a run's time counts whatever
+  else the machine was doing);
 - mixed.png: accuracy against average bits, one panel per method, one line per sensitivity and
   the uniform widths.
 
@@ -128,9 +129,12 @@ def markdown(summary: dict) -> str:
       lines.append(f"| {proxy} | {_mean_std([v['all_pairs'] for v in values])} | "
                    f"{_mean_std([v['across_kernels'] for v in values])} |")
   lines += ["", "## Seconds to compute each sensitivity (every free kernel, every width), "
-            "mean ± std over runs\n", "| sensitivity | seconds |", "|---|---|"]
+            "median and range over runs\n", "| sensitivity | median | min | max |",
+            "|---|---|---|---|"]
   for name in sensitivities:
-    lines.append(f"| {name} | {_mean_std([r['seconds'][name] for r in runs])} |")
+    seconds = [r["seconds"][name] for r in runs]
+    lines.append(f"| {name} | {np.median(seconds):.1f} | {min(seconds):.1f} | "
+                 f"{max(seconds):.1f} |")
   return "\n".join(lines) + "\n"
 
 
