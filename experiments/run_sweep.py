@@ -120,6 +120,19 @@ def is_finished(run_dir: str, results_name: str = "results.json") -> bool:
   return report.read_finished_results(os.path.join(run_dir, results_name)) is not None
 
 
+DIVERGED = "diverged.json"
+
+
+def diverged(run_dir: str) -> dict | None:
+  """The record of a run whose training metrics went non-finite ({'message'}), or None."""
+  try:
+    with open(os.path.join(run_dir, DIVERGED)) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return record if isinstance(record, dict) and "message" in record else None
+
+
 def share_run(source_dir: str, run_dir: str) -> None:
   """Links a finished run of another sweep in as run_dir, where that run is not there yet: a
   sweep whose run has the same config reuses it instead of training it again."""
@@ -148,6 +161,9 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
     if is_finished(run_dir):
       logging.info("Skipping %s: finished.", run["name"])
       continue
+    if diverged(run_dir):
+      logging.info("Skipping %s: it diverged (%s).", run["name"], DIVERGED)
+      continue
     config = sweep.config(run)
     os.makedirs(run_dir, exist_ok=True)
     report.write_json_atomic(os.path.join(run_dir, "run.json"), run)
@@ -158,7 +174,16 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
                      config.reg.start_epoch)
     start = time.time()
     print(f"=== {run['name']} ===", flush=True)
-    main.train_and_evaluate(config, run_dir)
+    try:
+      main.train_and_evaluate(config, run_dir)
+    except FloatingPointError as e:
+      # A grid that reaches a value strong enough to break training is meant to: the run is
+      # recorded as diverged (training is deterministic, so it would diverge again) and the
+      # sweep goes on; tuning never chooses it and tables leave it out.
+      report.write_json_atomic(os.path.join(run_dir, DIVERGED), {"message": str(e)})
+      print(f"=== {run['name']} diverged: {e} ===", flush=True)
+      jax.clear_caches()
+      continue
     print(f"=== {run['name']} done in {time.time() - start:.0f}s ===", flush=True)
     # Each run compiles its own steps and sweep: without this, a long sweep's process grew until
     # LLVM could not allocate memory (once, after ~60 runs).

@@ -7,7 +7,7 @@ Reads every run's results.json (accuracies on the validation split; the runs wer
 eval.split='validation') and the tuning config's criterion: among the values whose float
 accuracy is within MAX_FLOAT_DROP points of no-reg's, the one with the best mean accuracy over
 CRITERION_SETTINGS; if none is within, the one with the best float accuracy (ties: the larger
-value index). Writes choices.json (each method's chosen overrides), grid.json and grid.md (the
+value index; a run recorded as diverged by the sweep runner is never chosen). Writes choices.json (each method's chosen overrides), grid.json and grid.md (the
 whole grid). experiments.study hands the choices to the table sweep.
 """
 import os
@@ -36,6 +36,10 @@ def choose(runs: Sequence[dict], root: str, criterion_settings, max_float_drop: 
   for run in runs:
     path = os.path.join(root, run["name"], "results.json")
     stored = report.read_finished_results(path)
+    if stored is None and run["name"] != "no-reg" and run_sweep.diverged(
+        os.path.join(root, run["name"])):
+      results[run["name"]] = None  # training went non-finite: never chosen
+      continue
     if stored is None:
       raise FileNotFoundError(f"{path} is missing or unreadable: the tuning run {run['name']} "
                               "has not finished; run its sweep first.")
@@ -50,6 +54,10 @@ def choose(runs: Sequence[dict], root: str, criterion_settings, max_float_drop: 
       continue
     method, i = run["labels"]["method"], run["labels"]["value"]
     rows = results[run["name"]]
+    if rows is None:
+      grid.append({"method": method, "value": i, "overrides": run["overrides"], "float": None,
+                   "criterion": None, "eligible": False, "diverged": True, "rows": {}})
+      continue
     score = float(np.mean([accuracy(rows, s) for s in criterion_settings]))
     float_acc = accuracy(rows, (None, None))
     eligible = no_reg_float - float_acc <= max_float_drop
@@ -59,6 +67,9 @@ def choose(runs: Sequence[dict], root: str, criterion_settings, max_float_drop: 
     candidates.setdefault(method, []).append((eligible, score if eligible else float_acc, i,
                                               run["overrides"]))
   chosen = {}
+  for method in dict.fromkeys(g["method"] for g in grid):
+    if method not in candidates:
+      raise ValueError(f"Every tuning run of {method} diverged: nothing to choose.")
   for method, scored in candidates.items():
     _, _, best, overrides = max(scored, key=lambda c: c[:3])
     chosen[method] = {"value": best, "overrides": overrides}
@@ -71,7 +82,7 @@ def choose(runs: Sequence[dict], root: str, criterion_settings, max_float_drop: 
 
 
 def markdown(choice: dict) -> str:
-  settings = list(choice["grid"][0]["rows"])
+  settings = list(choice["no_reg_rows"])
   lines = [f"Criterion: {choice['criterion']}. No-reg float validation accuracy: "
            f"{choice['no_reg_float']:.2f}%.", "",
            "| method | value | overrides | " + " | ".join(settings) + " | criterion | chosen |",
@@ -80,14 +91,17 @@ def markdown(choice: dict) -> str:
            + " | | |"]
   for g in choice["grid"]:
     mark = "**yes**" if choice["methods"][g["method"]]["value"] == g["value"] else ""
-    if not g["eligible"]:
+    if g.get("diverged"):
+      mark = "diverged (training went non-finite)"
+    elif not g["eligible"]:
       mark += " (float drop > limit)"
     overrides = ", ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else
                           f"{k.split('.')[-1]}={v}" for k, v in g["overrides"].items()
                           if not (k.startswith("reg.lambda_") and v == 0 and "kurtosis" not in k))
     lines.append(f"| {g['method']} | {g['value']} | {overrides} | "
-                 + " | ".join(f"{g['rows'][s]:.2f}" for s in settings)
-                 + f" | {g['criterion']:.2f} | {mark} |")
+                 + " | ".join(f"{g['rows'][s]:.2f}" if s in g["rows"] else "" for s in settings)
+                 + f" | {'' if g['criterion'] is None else format(g['criterion'], '.2f')} | "
+                 f"{mark} |")
   return "\n".join(lines) + "\n"
 
 

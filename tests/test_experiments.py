@@ -129,6 +129,23 @@ def test_sweep_runner_warm_start_skips_and_tables(tiny_sweep, tmp_path):
   assert os.path.getmtime(root / "l1/seed0" / "results.json") == mtime
 
 
+def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tiny_sweep, tmp_path):
+  _, idx_dir = tiny_sweep
+  path = tmp_path / "diverging.py"
+  path.write_text(SWEEP_FILE.format(idx=idx_dir).replace(
+      'runs.append({"name": "l1-scratch", "overrides": {"seed": 0}})',
+      'runs = [{"name": "blows-up", "overrides": {"seed": 0, "optim.learning_rate": 1e30}},'
+      ' {"name": "fine", "overrides": {"seed": 0}}]'))
+  root = tmp_path / "runs"
+  run_sweep.run_sweep(str(path), str(root))
+  assert "Non-finite training metrics" in run_sweep.diverged(str(root / "blows-up"))["message"]
+  assert not run_sweep.is_finished(str(root / "blows-up"))
+  assert run_sweep.is_finished(str(root / "fine"))
+  mtime = os.path.getmtime(root / "blows-up" / run_sweep.DIVERGED)
+  run_sweep.run_sweep(str(path), str(root))  # skipped, not retrained
+  assert os.path.getmtime(root / "blows-up" / run_sweep.DIVERGED) == mtime
+
+
 def test_sweep_runner_rejects_bad_sweeps(tiny_sweep, tmp_path):
   sweep_path, idx_dir = tiny_sweep
   with pytest.raises(ValueError, match="--only names no run .*: nope"):
@@ -296,6 +313,20 @@ def test_tune_chooses_by_the_criterion_with_its_fallback_ties_and_limit(tmp_path
   eligible = {(g["method"], g["value"]): g["eligible"] for g in choice["grid"]}
   assert eligible[("a", 1)] and not eligible[("a", 2)]  # 1.0 point is within, 1.5 is not
   assert "(float drop > limit)" in tune.markdown(choice)
+
+  # A run the sweep runner recorded as diverged is never chosen, and says so in the grid.
+  os.makedirs(tmp_path / "d/1")
+  (tmp_path / "d/1" / run_sweep.DIVERGED).write_text(json.dumps({"message": "NaN"}))
+  write_tuning_results(tmp_path, [], {"d/0": (0.92, 0.6)})
+  with_diverged = runs + grid_runs("d", 2)
+  choice = tune.choose(with_diverged, str(tmp_path), ((4, 4), (3, 3)), 1.0)
+  assert choice["methods"]["d"]["value"] == 0
+  assert "| d | 1 | v=1 |  |  |  |  | diverged (training went non-finite) |" in tune.markdown(choice)
+  (tmp_path / "d/0" / "results.json").unlink()
+  os.makedirs(tmp_path / "d/0", exist_ok=True)
+  (tmp_path / "d/0" / run_sweep.DIVERGED).write_text(json.dumps({"message": "NaN"}))
+  with pytest.raises(ValueError, match="Every tuning run of d diverged"):
+    tune.choose(with_diverged, str(tmp_path), ((4, 4), (3, 3)), 1.0)
 
   (tmp_path / "a/0" / "results.json").write_text(json.dumps(
       {"rows": [], "config": {"eval": {"split": "test"}}}))
