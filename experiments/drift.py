@@ -69,9 +69,9 @@ def _scaled_batch_norm(params, bn: str, factor: float):
   return quant.replace_leaf(params, bn.split("/"), {k: v * factor for k, v in node.items()})
 
 
-def freed_taps(params, batch_stats, apply_fn, images, labels) -> dict[str, str]:
-  """{BatchNorm path: the tap whose term doubling its (gamma, beta) halves, the logits kept}."""
-  terms = _terms_fn(batch_stats, apply_fn)
+def freed_taps(terms, params, images, labels) -> dict[str, str]:
+  """{BatchNorm path: the tap whose term doubling its (gamma, beta) halves, the logits kept};
+  terms: _terms_fn's function of the run."""
   logits, _, taps = jax.device_get(terms(params, images, labels))
   freed = {}
   for bn in _batch_norms(params):
@@ -93,7 +93,7 @@ def gradient_terms(params, batch_stats, apply_fn, batches) -> dict:
   taps = {k: float(np.mean([b[1][k] for b in per_batch])) for k in per_batch[0][1]}
   return {"kernels": {k: float(np.mean([b[0][k] for b in per_batch])) for k in per_batch[0][0]},
           "taps": taps, "activations": sum(taps.values()),
-          "freed_taps": freed_taps(params, batch_stats, apply_fn, *batches[0])}
+          "freed_taps": freed_taps(terms, params, *batches[0])}
 
 
 def compare(reference: dict, regularized: dict) -> dict:

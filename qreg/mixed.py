@@ -166,7 +166,7 @@ def _quadratic_form_sum(apply_fn: Callable, path: str, params: PyTree, sign: jax
                         labels, mask) -> jax.Array:
   """v . (H v) for v = sign on the kernel at path (zero elsewhere), H the Hessian of the
   chunk's summed loss: a Hessian-vector product, forward over reverse."""
-  gradient = lambda p: jax.grad(_loss_sum, argnums=1)(apply_fn, p, images, labels, mask)
+  gradient = lambda p: _gradient_sum(apply_fn, p, images, labels, mask)
   vector = quant.replace_leaf(jax.tree.map(jnp.zeros_like, params), path.split("/"), sign)
   product = jax.jvp(gradient, (params,), (vector,))[1]
   return jnp.sum(sign * _kernel(product, path))
