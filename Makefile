@@ -30,10 +30,11 @@ train: setup data
 evaluate: setup data
 	$(PY) -m qreg.evaluate --config=$(CONFIG) --workdir=$(WORKDIR)
 
-# The test suite; the test on the real Fashion-MNIST files is skipped if they are absent.
+# The test suite on 2 processes (pytest-xdist); the test on the real Fashion-MNIST files is
+# skipped if they are absent.
 test: setup
 	-@$(MAKE) --no-print-directory data
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=25 tests
 
 # Step cost of each reg.impl relative to a plain step (docs/cost.md);
 # e.g. make benchmark BENCHMARK_FLAGS="--models=vgg_like,resnet18 --batch_sizes=32 --steps=10".

@@ -45,12 +45,14 @@ def point_name(point) -> str:
 
 
 def value_label(overrides: dict) -> str:
-  """A grid value in a few characters: λa=0.01, κ=3, b=4, {3..8}."""
+  """A grid value in a few characters: λa=0.01, κ=3, b=4, {3..8}, b_ref=8."""
   if "qat.bit_set" in overrides:
     widths = overrides["qat.bit_set"]
     return f"{{{min(widths)}..{max(widths)}}}"
   if "qat.weight_bits" in overrides:
     return f"b={overrides['qat.weight_bits']}"
+  if "reg.bound_bits" in overrides:
+    return f"b_ref={overrides['reg.bound_bits']}"
   if "reg.lambda_kurtosis" in overrides:
     return f"κ={overrides['reg.lambda_kurtosis']:g}"
   return f"λa={overrides.get('reg.lambda_a', 0):g}"

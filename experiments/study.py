@@ -22,6 +22,8 @@
 |                    | both protocols; curves and the iso-float-cost table                    |
 | mixed_precision    | the tuned table's no-reg, l1, l2 and KURE runs (network_table) re-swept |
 |                    | with mixed precision at 2-8 bits per weight on each sensitivity        |
+| cle_ladder         | the same runs re-swept after cross-layer equalization (+ bias          |
+|                    | correction), beside the paper and strong protocols                     |
 | table1             | the cross-network Table 1 from the committed tables                    |
 
 Runs train in --workdir/<net>/<sweep>/<run>; results go to experiments/results/. Every step
@@ -38,6 +40,7 @@ from absl import flags, logging
 
 from configs.tables import ablations as ablations_config
 from configs.tables import tuned
+from experiments import cle_ladder as cle_report
 from experiments import curves, make_tables, reevaluate, run_sweep, table1, tune
 from experiments import mixed_precision as mixed_report
 from qreg import checkpoint, cli, evaluate, export, report
@@ -261,16 +264,29 @@ def tuned_no_reg_runs(root: str, net: str) -> run_sweep.Sweep:
                              choices=choices, only=[f"no-reg/seed{seed}" for seed in tuned.SEEDS])
 
 
+# Grid extensions whose rows are the tuned table's runs at their own choices (grid_extension).
+TABLE_EXTENSIONS = ("multibit", "bound")
+
+
 def share_tuned_runs(root: str, net: str, sweep: run_sweep.Sweep, sweep_root: str) -> None:
-  """Links into sweep_root the tuned table's runs that train as one of the sweep's runs does
-  (same config but the sweep's bit settings); the tuned table's no-reg runs are trained first
-  where they are gone."""
-  tuned_sweep = tuned_no_reg_runs(root, net)
-  trained = {_training_key(tuned_sweep.config(run)): run["name"] for run in tuned_sweep.runs}
+  """Links into sweep_root the runs of the tuned table and of its extensions' tables that train
+  as one of the sweep's runs does (same config but the sweep's bit settings); the tuned table's
+  no-reg runs are trained first where they are gone."""
+  tables = {"tuned": tuned_no_reg_runs(root, net)}
+  for ext in TABLE_EXTENSIONS:
+    choices = os.path.join(RESULTS, _network(net).tables, ext, "tuning", "choices.json")
+    if os.path.isdir(os.path.join(root, ext)) and os.path.exists(choices):
+      tables[ext] = run_sweep.load_sweep(_table("tuned", f"net={net}"),
+                                         run_sweep.read_choices(choices))
+  trained = {}
+  for table_name, table_sweep in tables.items():
+    for run in table_sweep.runs:
+      trained.setdefault(_training_key(table_sweep.config(run)),
+                         os.path.join(root, table_name, run["name"]))
   for run in sweep.runs:
-    name = trained.get(_training_key(sweep.config(run)))
-    if name is not None:
-      run_sweep.share_run(os.path.join(root, "tuned", name), os.path.join(sweep_root, run["name"]))
+    source = trained.get(_training_key(sweep.config(run)))
+    if source is not None:
+      run_sweep.share_run(source, os.path.join(sweep_root, run["name"]))
 
 
 def tradeoff_runs(workdir: str, net: str) -> str:
@@ -307,6 +323,16 @@ def mixed_precision(workdir: str, net: str) -> None:
                                                     "mixed_precision")), flush=True)
 
 
+def cle_ladder(workdir: str, net: str) -> None:
+  network_table(workdir, net)
+  root = os.path.join(workdir, net, "tuned")
+  out = os.path.join(RESULTS, _network(net).tables, "cle")
+  for protocol in ("cle", "cle+bias_correction"):
+    for method in cle_report.METHODS:
+      reevaluate.reevaluate_sweep(os.path.join(root, method), protocol)
+  print(cle_report.write_ladder(root, out), flush=True)
+
+
 def write_table1(workdir: str, net: str) -> None:
   del workdir, net
   print(table1.write_table1(), flush=True)
@@ -324,6 +350,7 @@ STUDIES = {
     "multibit_qat": multibit_qat,
     "bound_penalty": bound_penalty,
     "mixed_precision": mixed_precision,
+    "cle_ladder": cle_ladder,
     "table1": write_table1,
 }
 

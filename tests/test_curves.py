@@ -12,6 +12,8 @@ from experiments import curves, run_sweep, study
 from tests.test_experiments import RESULTS, table, validated
 
 TUNING_RESULTS = {"small_cnn": "fashion_mnist_tuning", "vgg": "vgg/tuning"}
+BOUND_TUNING_RESULTS = {"small_cnn": "fashion_mnist_tuned/bound/tuning"}
+DESCENDING = ("ste-qat", "multibit-qat", "bound")  # bit-width ladders: stronger at fewer bits
 
 
 def ladder_value(method: str, overrides: dict):
@@ -22,27 +24,40 @@ def ladder_value(method: str, overrides: dict):
     return overrides["reg.lambda_kurtosis"]
   if method == "ste-qat":
     return overrides["qat.weight_bits"]
+  if method == "bound":
+    return overrides["reg.bound_bits"]
   return min(overrides["qat.bit_set"])
 
 
 @pytest.mark.parametrize("net", sorted(tradeoff.GRIDS))
 def test_tradeoff_grids_follow_the_rule_on_the_committed_tuning_runs(net):
   grids = tradeoff.GRIDS[net]  # as fixed before the test runs; extensions are checked below
-  assert list(grids) == ["l1", "l2", "kure", "ste-qat", "multibit-qat"]
+  assert list(grids) == ["l1", "l2", "kure", "ste-qat", "multibit-qat"] + (
+      ["bound"] if net in BOUND_TUNING_RESULTS else [])
   for method, extension in tradeoff.EXTENSIONS.get(net, {}).items():
     values = [ladder_value(method, o) for o in grids[method] + extension]
     assert len(extension) <= 2 and values[:len(grids[method])] == [
         ladder_value(method, o) for o in tradeoff.grids(f"net={net}")[method]][:len(grids[method])]
-    ladder = sorted(values) if method not in ("ste-qat", "multibit-qat") else values
+    ladder = sorted(values) if method not in DESCENDING else values
     assert all(2.9 < b / a < 3.5 for a, b in zip(ladder, ladder[1:]))  # the ladder, continued
   with open(os.path.join(RESULTS, TUNING_RESULTS[net], "grid.json")) as f:
     tuned = json.load(f)
   cost = {(g["method"], ladder_value(g["method"], g["overrides"])): tuned["no_reg_float"] - g["float"]
           for g in tuned["grid"]}
+  if net in BOUND_TUNING_RESULTS:  # its own tuning, beside the same no-reg run
+    with open(os.path.join(RESULTS, BOUND_TUNING_RESULTS[net], "grid.json")) as f:
+      bound = json.load(f)
+    assert bound["no_reg_float"] == tuned["no_reg_float"]
+    cost.update({("bound", g["overrides"]["reg.bound_bits"]): bound["no_reg_float"] - g["float"]
+                 for g in bound["grid"] if g["method"] == "bound"})
   for method, grid in grids.items():
     values = [ladder_value(method, o) for o in grid]
     if method in ("ste-qat", "multibit-qat"):  # bit-widths: consecutive, from 6 down, >= 2
       assert values == list(range(6, 6 - len(values), -1)) and min(values) >= 2
+    elif method == "bound":  # reference widths 2 bits apart, as its tuning grid
+      assert values == list(range(values[0], values[0] - 2 * len(values), -2))
+      assert all(o["reg.form"] == "bound" and o["reg.bound_steps"] == "stop_gradient"
+                 for o in grid)
     else:  # the tuning grids' factor ~3, continued
       assert values == sorted(values)
       assert all(2.9 < b / a < 3.5 for a, b in zip(values, values[1:]))
@@ -56,7 +71,7 @@ def test_tradeoff_grids_follow_the_rule_on_the_committed_tuning_runs(net):
     tuning_values = [v for v in values if (method, v) in cost]
     # Low end: the first value is the no-effect one, measured or one step beyond a measured one
     # that cost too much; high end: the first value costing >= 3 ends the grid, else two beyond.
-    first, weaker = values[0], (lambda v: v > values[0]) if method == "ste-qat" else (
+    first, weaker = values[0], (lambda v: v > values[0]) if method in DESCENDING else (
         lambda v: v < values[0])
     assert not any(weaker(v) for m, v in cost if m == method)  # nothing nearer no effect
     if (method, first) in cost:

@@ -9,7 +9,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs.tables import lazy, paper, tuning
-from experiments import folded_ranges, make_tables, mixed_precision, reevaluate, run_sweep, table1
+from experiments import cle_ladder, folded_ranges, make_tables, mixed_precision, reevaluate
+from experiments import run_sweep, table1
 from experiments import tune
 from qreg import config as config_lib
 from qreg import checkpoint, evaluate, train
@@ -201,6 +202,42 @@ def test_paired_gains_subtract_no_reg_seed_by_seed(tmp_path):
   assert "no-reg" not in gains[(4, 4)]
   lines = (tmp_path / "tables" / "gains.md").read_text().splitlines()
   assert lines[-1].startswith(f"| l1 | {gains[(None, None)]['l1']['mean']:+.2f} ± ")
+
+
+def test_cle_ladder_pairs_methods_and_protocols_seed_by_seed(tmp_path):
+  rng = np.random.default_rng(1)
+  files = dict(cle_ladder.PROTOCOLS)
+  settings = ((None, None), (8, 8), (4, 4), (3, 3))
+  acc = {(p, m, seed): rng.uniform(0.1, 0.9, len(settings))
+         for p in files for m in ("no-reg", "l1", "ste-qat") for seed in range(3)}
+  for (p, m, seed), values in acc.items():
+    run = tmp_path / m / f"seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "run.json").write_text(json.dumps({"name": f"{m}/seed{seed}",
+                                              "labels": {"method": m, "seed": seed}}))
+    rows = [{"weight_bits": w, "act_bits": a, "accuracy": float(v)}
+            for (w, a), v in zip(settings, values)]
+    if p == "strong":  # a protocol without (3,3): the ladder's columns are those all have
+      rows = rows[:3]
+    (run / files[p]).write_text(json.dumps({"rows": rows}))
+  table = cle_ladder.write_ladder(str(tmp_path), str(tmp_path / "out"))
+  assert "ste-qat" not in table  # not one of the ladder's methods
+  with open(tmp_path / "out" / "ladder.json") as f:
+    rows = json.load(f)
+  assert {(r["protocol"], r["method"]) for r in rows} == {
+      (p, m) for p in files for m in ("no-reg", "l1")}
+  assert all([[a["weight_bits"], a["act_bits"]] for a in r["accuracy"]] == [
+      list(s) for s in settings[:3]] for r in rows)
+  # The paired gain of l1 over no-reg after CLE at (4,4), and what CLE buys l1 at (8,8).
+  lines = table.splitlines()
+  naive = [100 * (acc["cle", "l1", s][2] - acc["cle", "no-reg", s][2]) for s in range(3)]
+  row = next(line for line in lines[lines.index(next(l for l in lines if "Paired gain" in l)):]
+             if line.startswith("| cle | l1 |"))
+  assert row.split(" | ")[4].startswith(f"{np.mean(naive):+.2f} ± {np.std(naive, ddof=1):.2f} (")
+  naive = [100 * (acc["cle", "l1", s][1] - acc["paper", "l1", s][1]) for s in range(3)]
+  row = [line for line in lines if line.startswith("| cle | l1 |")][-1]
+  assert row.split(" | ")[3] == (f"{np.mean(naive):+.2f} ± {np.std(naive, ddof=1):.2f} ("
+                                 + " / ".join(f"{d:+.1f}" for d in naive) + ")")
 
 
 def committed_tables():

@@ -48,5 +48,9 @@ LOW_BIT_SETTINGS = ((None, None), (8, 8), (6, 6), (5, 5), (4, 4), (3, 3), (2, 2)
                     (4, None), (None, 4), (2, 8), (2, None))
 LADDER_BIT_SETTINGS = ((4, 4), (3, 3), (2, 2), (2, 8), (4, None), (2, None))
 # AdaRound costs optimization time per weight bit-width: its table re-evaluates these only.
+# The data-free protocols: per-tensor widths where the paper protocol breaks, and its float row
+# (MobileNetV2's shows what replacing ReLU6 by ReLU costs).
+CLE_BIT_SETTINGS = ((None, None), (8, 8), (6, 6), (5, 5), (4, 4), (3, 3), (2, 8), (4, None))
 PROTOCOL_BIT_SETTINGS = {"strong+adaround": LADDER_BIT_SETTINGS,
+                         "cle": CLE_BIT_SETTINGS, "cle+bias_correction": CLE_BIT_SETTINGS,
                          "mixed": ((None, None),) + tuple((b, 8) for b in (8, 6, 5, 4, 3, 2))}
