@@ -13,7 +13,8 @@ from tests.test_experiments import RESULTS, table, validated
 
 TUNING_RESULTS = {"small_cnn": "fashion_mnist_tuning", "vgg": "vgg/tuning"}
 BOUND_TUNING_RESULTS = {"small_cnn": "fashion_mnist_tuned/bound/tuning"}
-DESCENDING = ("ste-qat", "multibit-qat", "bound")  # bit-width ladders: stronger at fewer bits
+BOUND_FORMS = ("bound", "bound-diff", "layer-bound")
+DESCENDING = ("ste-qat", "multibit-qat", *BOUND_FORMS)  # bit-width ladders: stronger when fewer
 
 
 def ladder_value(method: str, overrides: dict):
@@ -24,7 +25,7 @@ def ladder_value(method: str, overrides: dict):
     return overrides["reg.lambda_kurtosis"]
   if method == "ste-qat":
     return overrides["qat.weight_bits"]
-  if method == "bound":
+  if method in BOUND_FORMS:
     return overrides["reg.bound_bits"]
   return min(overrides["qat.bit_set"])
 
@@ -33,7 +34,7 @@ def ladder_value(method: str, overrides: dict):
 def test_tradeoff_grids_follow_the_rule_on_the_committed_tuning_runs(net):
   grids = tradeoff.GRIDS[net]  # as fixed before the test runs; extensions are checked below
   assert list(grids) == ["l1", "l2", "kure", "ste-qat", "multibit-qat"] + (
-      ["bound"] if net in BOUND_TUNING_RESULTS else [])
+      list(BOUND_FORMS) if net in BOUND_TUNING_RESULTS else [])
   for method, extension in tradeoff.EXTENSIONS.get(net, {}).items():
     values = [ladder_value(method, o) for o in grids[method] + extension]
     assert len(extension) <= 2 and values[:len(grids[method])] == [
@@ -48,16 +49,16 @@ def test_tradeoff_grids_follow_the_rule_on_the_committed_tuning_runs(net):
     with open(os.path.join(RESULTS, BOUND_TUNING_RESULTS[net], "grid.json")) as f:
       bound = json.load(f)
     assert bound["no_reg_float"] == tuned["no_reg_float"]
-    cost.update({("bound", g["overrides"]["reg.bound_bits"]): bound["no_reg_float"] - g["float"]
-                 for g in bound["grid"] if g["method"] == "bound"})
+    cost.update({(g["method"], g["overrides"]["reg.bound_bits"]):
+                 bound["no_reg_float"] - g["float"] if g["float"] is not None else float("inf")
+                 for g in bound["grid"]})  # a diverged run costs everything
   for method, grid in grids.items():
     values = [ladder_value(method, o) for o in grid]
     if method in ("ste-qat", "multibit-qat"):  # bit-widths: consecutive, from 6 down, >= 2
       assert values == list(range(6, 6 - len(values), -1)) and min(values) >= 2
-    elif method == "bound":  # reference widths 2 bits apart, as its tuning grid
+    elif method in BOUND_FORMS:  # reference widths 2 bits apart, as their tuning grid
       assert values == list(range(values[0], values[0] - 2 * len(values), -2))
-      assert all(o["reg.form"] == "bound" and o["reg.bound_steps"] == "stop_gradient"
-                 for o in grid)
+      assert grid == tuning.BOUND_GRIDS[method][:len(grid)]
     else:  # the tuning grids' factor ~3, continued
       assert values == sorted(values)
       assert all(2.9 < b / a < 3.5 for a, b in zip(values, values[1:]))

@@ -7,9 +7,9 @@ The rule, the same for every method, fixed here before any test-set run of these
 - Each method moves along a ladder: the gradient penalties (l1, l2; lambda_w = lambda_a / 10) and
   KURE by the factor ~3 of the tuning grids (1, 3 x 10^k; l2's 0.5, 1.6, 5, 16); STE-QAT by its
   bit-width W = A = b, 6 down to 2; multi-bit QAT by the lowest width b of its set {b, ..., 8}
-  (configs/tables/tuning.py MULTIBIT_GRID), 6 down to 2; the bound-aware penalty (issue 23,
-  form `bound`) by its reference width reg.bound_bits, 2 bits apart as its tuning grid (each
-  bit fewer doubles its strength, so a step is a factor ~4).
+  (configs/tables/tuning.py MULTIBIT_GRID), 6 down to 2; the bound-aware penalty's three forms
+  (issue 23: bound, bound-diff, layer-bound) by their reference width reg.bound_bits, 2 bits
+  apart as their tuning grid (each bit fewer doubles the strength, so a step is a factor ~4).
 - A grid starts at the ladder value nearest no effect whose float validation cost was at most
   LOW_END_COST points and ends at the first value costing at least HIGH_END_COST points, both
   read from the network's tuning runs (seed 0, validation split, committed under
@@ -46,8 +46,9 @@ def ste_grid(widths) -> list[dict]:
 # Validation float costs behind each end (experiments/results/<net>/tuning/grid.md):
 # SmallCNN (no-reg 92.70): l1 0.003 -> 0.02, 0.1 -> 15.36; l2 0.5 -> 0.02, 16 -> 9.98;
 #   KURE 0.1 -> -0.12, 3 -> 0.16 (no value costs 3: +10, +30); STE-QAT 6 -> -0.06, 3 -> 3.36.
-#   bound (fashion_mnist_tuned/bound/tuning): 12 -> -0.14, 6 -> 36.02 (8 -> 0.40: no ladder
-#   value lies between 8 and 6 bits).
+#   bound forms (fashion_mnist_tuned/bound/tuning): bound 12 -> -0.14, 6 -> 36.02 (8 -> 0.40:
+#   no ladder value lies between); bound-diff 12 -> -0.14, 8 -> 0.10, 6 diverged (counted as
+#   the end: its cost is unbounded); layer-bound 12 -> 0.00, 6 -> 7.34.
 # VGG-like (no-reg 93.10): l1 0.003 -> 0.38 (+0.001 below), 0.03 -> 6.72; l2 0.5 -> 0.30
 #   (+0.16 below), 5 -> 4.00; KURE 0.1 -> -0.04, 3 -> 0.04 (+10, +30); STE-QAT 6 -> 0.12,
 #   3 -> 12.96.
@@ -63,10 +64,10 @@ def _grids(l1_lambdas, l2_lambdas) -> dict[str, list[dict]]:
 
 
 GRIDS = {
-    # bound: added with issue 23 before any of its trade-off runs; its 8-bit runs are the
-    # bound table's (experiments/results/fashion_mnist_tuned/bound), linked in.
+    # The bound forms: added with issue 23 before any of their trade-off runs; their 8-bit runs
+    # are the bound table's (experiments/results/fashion_mnist_tuned/bound), linked in.
     "small_cnn": {**_grids((0.003, 0.01, 0.03, 0.1), (0.5, 1.6, 5.0, 16.0)),
-                  "bound": tuning.bound_grid("bound")},
+                  **tuning.BOUND_GRIDS},
     "vgg": _grids((0.001, 0.003, 0.01, 0.03), (0.16, 0.5, 1.6, 5.0)),
 }
 # Values added by the after-test rule, {net: {method: [overrides, ...]}}, each written before its
