@@ -8,8 +8,9 @@
 |                    | paper and strong protocol tables (and Table 1 for the paper networks)  |
 | fair_protocol      | network_table on small_cnn, the default runs, the protocol ladder on   |
 |                    | them, and the tuned table under strong+AdaRound                        |
-| extend_grids       | a grid extended downward (resnet18: l1; mobilenetv2: l1 and l2): its   |
-|                    | tuning, and its rows beside the tuned table's no-reg runs              |
+| extend_grids       | the grids extended by their rule (down: resnet18 l1; mobilenetv2 l1,   |
+|                    | l2; up: KURE on small_cnn, mobilenetv2): each one's tuning, and its    |
+|                    | rows beside the tuned table's no-reg runs                              |
 | lazy_parity        | the cheaper penalty schedules against the exact one (small_cnn, vgg)   |
 | default_comparison | the default run and its no-reg twin, per-tensor and per-channel, and   |
 |                    | the l1 run's integer exports at 8, 6 and 4 bits                        |
@@ -55,15 +56,16 @@ class Network:
   """Where a network's tables go under experiments/results."""
   tuning: str
   tables: str
-  extension: str | None = None  # the grid extension of configs/tables/tuning.py, if any
+  extensions: tuple[str, ...] = ()  # the grid extensions of configs/tables/tuning.py
   lazy: str | None = None  # the lazy schedules' tables, where they are run
 
 
 NETWORKS = {
-    "small_cnn": Network("fashion_mnist_tuning", "fashion_mnist_tuned", lazy="fashion_mnist_lazy"),
+    "small_cnn": Network("fashion_mnist_tuning", "fashion_mnist_tuned", ("kure_high",),
+                         lazy="fashion_mnist_lazy"),
     "vgg": Network("vgg/tuning", "vgg", lazy="vgg/lazy"),
-    "resnet18": Network("resnet18/tuning", "resnet18", extension="l1_low"),
-    "mobilenetv2": Network("mobilenetv2/tuning", "mobilenetv2", extension="low"),
+    "resnet18": Network("resnet18/tuning", "resnet18", ("l1_low",)),
+    "mobilenetv2": Network("mobilenetv2/tuning", "mobilenetv2", ("low", "kure_high")),
 }
 
 
@@ -143,10 +145,13 @@ def fair_protocol(workdir: str, net: str) -> None:
 
 def extend_grids(workdir: str, net: str) -> None:
   network = _network(net)
-  if network.extension is None:
+  if not network.extensions:
     raise ValueError(f"--net={net} has no grid extension; those with one: "
-                     f"{', '.join(n for n, w in NETWORKS.items() if w.extension)}.")
-  grid_extension(workdir, net, network.extension)
+                     f"{', '.join(n for n, w in NETWORKS.items() if w.extensions)}.")
+  for ext in network.extensions:
+    grid_extension(workdir, net, ext)
+  if net in table1.NETWORKS:
+    print(table1.write_table1(), flush=True)
 
 
 def multibit_qat(workdir: str, net: str) -> None:
@@ -170,8 +175,20 @@ def grid_extension(workdir: str, net: str, ext: str) -> None:
   tuned_no_reg_runs(root, net)
   share_no_reg_runs(root, f"{ext}_tuning", tuning=True)
   share_no_reg_runs(root, ext, tuning=False)
-  choices = tuned_choices(_table("tuning", f"net={net},grid={ext}"),
-                          os.path.join(root, f"{ext}_tuning"), os.path.join(out, "tuning"))
+  spec, tuning_root = _table("tuning", f"net={net},grid={ext}"), os.path.join(root, f"{ext}_tuning")
+  # A grid that continues the pre-registered one (kure_high) takes its runs that it lacks:
+  # trained there where they are gone, and linked in.
+  tuning_sweep = run_sweep.load_sweep(_table("tuning", f"net={net}"))
+  shared = {source: name for source, name in
+            same_training(tuning_sweep, run_sweep.load_sweep(spec)).items()
+            if not os.path.lexists(os.path.join(tuning_root, name))}
+  if shared:
+    run_sweep.run_sweep(tuning_sweep.spec, os.path.join(root, "tuning"), only=sorted(shared))
+    share_runs(os.path.join(root, "tuning"), shared, tuning_root)
+  choices = tuned_choices(spec, tuning_root, os.path.join(out, "tuning"))
+  # A choice that is the tuned table's (or another extension's) takes that table's runs.
+  share_tuned_runs(root, net, run_sweep.load_sweep(_table("tuned", f"net={net}"), choices),
+                   os.path.join(root, ext))
   run_sweep.run_sweep(_table("tuned", f"net={net}"), os.path.join(root, ext), choices=choices)
   both_protocols(os.path.join(root, ext), out)
 
@@ -278,15 +295,23 @@ def share_tuned_runs(root: str, net: str, sweep: run_sweep.Sweep, sweep_root: st
     if os.path.isdir(os.path.join(root, ext)) and os.path.exists(choices):
       tables[ext] = run_sweep.load_sweep(_table("tuned", f"net={net}"),
                                          run_sweep.read_choices(choices))
-  trained = {}
   for table_name, table_sweep in tables.items():
-    for run in table_sweep.runs:
-      trained.setdefault(_training_key(table_sweep.config(run)),
-                         os.path.join(root, table_name, run["name"]))
-  for run in sweep.runs:
-    source = trained.get(_training_key(sweep.config(run)))
-    if source is not None:
-      run_sweep.share_run(source, os.path.join(sweep_root, run["name"]))
+    share_runs(os.path.join(root, table_name), same_training(table_sweep, sweep), sweep_root)
+
+
+def same_training(source: run_sweep.Sweep, sweep: run_sweep.Sweep) -> dict[str, str]:
+  """{source run name: sweep run name} of the sweep's runs that train as a source run does."""
+  trained = {}
+  for run in source.runs:
+    trained.setdefault(_training_key(source.config(run)), run["name"])
+  return {trained[key]: run["name"] for run in sweep.runs
+          if (key := _training_key(sweep.config(run))) in trained}
+
+
+def share_runs(source_root: str, names: dict[str, str], sweep_root: str) -> None:
+  """Links each finished source run into sweep_root under its name there (names: same_training)."""
+  for source, name in names.items():
+    run_sweep.share_run(os.path.join(source_root, source), os.path.join(sweep_root, name))
 
 
 def tradeoff_runs(workdir: str, net: str) -> str:

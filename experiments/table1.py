@@ -27,8 +27,10 @@ NETWORKS = ("vgg", "resnet18", "mobilenetv2")
 PROTOCOLS = ("paper", "strong")
 WIDTHS = (None, 8, 6, 5, 4, 3, 2)  # W = A; None = float
 BREAK_POINTS = 10.0
-# Grid extensions whose rows join the table: experiments/results/<network>/<supplement>/.
-SUPPLEMENTS = ("multibit", "bound")
+# Grid extensions whose rows join the table: experiments/results/<network>/<supplement>/. A
+# method of the table that an extension chose again over its extended grid (kure_high) takes
+# the extension's rows.
+SUPPLEMENTS = ("multibit", "bound", "kure_high")
 # The paper's own 4/4-bit numbers (Alizadeh et al. 2020, Table 1; CIFAR-10 and ImageNet, not
 # Fashion-MNIST), for orientation only: no-reg -> l1.
 PAPER_4BIT = {"vgg": "VGG-like, CIFAR-10: 11.47% -> 85.99%",

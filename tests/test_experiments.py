@@ -10,7 +10,7 @@ import pytest
 
 from configs.tables import lazy, paper, tuning
 from experiments import cle_ladder, folded_ranges, make_tables, mixed_precision, reevaluate
-from experiments import run_sweep, table1
+from experiments import run_sweep, study, table1
 from experiments import tune
 from qreg import config as config_lib
 from qreg import checkpoint, evaluate, train
@@ -385,7 +385,7 @@ def test_tuning_grids_have_equal_budgets_on_the_validation_split(tmp_path):
 @pytest.mark.parametrize("arg", ["net=small_cnn", "net=vgg", "net=resnet18,grid=l1_low",
                                  "net=mobilenetv2,grid=low", "net=small_cnn,grid=lazy",
                                  "net=vgg,grid=lazy", "net=mobilenetv2,grid=multibit",
-                                 "net=small_cnn,grid=bound"])
+                                 "net=small_cnn,grid=bound", "net=mobilenetv2,grid=kure_high"])
 def test_every_tuning_lists_the_grid_that_tune_reads(arg):
   # experiments.tune finds value i of a method's grid in the run <method>/<i>.
   runs = run_sweep.load_sweep(table("tuning", arg)).runs
@@ -441,6 +441,18 @@ def test_lazy_table_varies_only_the_penalty_schedule(net, tmp_path):
   # Its no-reg runs are the tuned table's, so experiments.study shares them.
   tuned_sweep = run_sweep.load_sweep(table("tuned", f"net={net}"), choices={})
   assert [r for r in sweep.runs if r["labels"]["method"] == "no-reg"] == tuned_sweep.runs
+
+
+@pytest.mark.parametrize("net", ["small_cnn", "mobilenetv2"])
+def test_kure_high_continues_the_grid_above_and_takes_its_runs(net):
+  grid = tuning.EXTENSIONS[net, "kure_high"]["kure"]
+  kappas = [o["reg.lambda_kurtosis"] for o in grid]
+  assert grid[:4] == tuning.GRIDS["kure"] and len(grid) == 6  # the whole grid, 2 values above
+  assert all(2.9 < b / a < 3.5 for a, b in zip(kappas, kappas[1:]))
+  # experiments.study links the pre-registered runs (same training) instead of retraining them.
+  shared = study.same_training(run_sweep.load_sweep(table("tuning", f"net={net}")),
+                               run_sweep.load_sweep(table("tuning", f"net={net},grid=kure_high")))
+  assert shared == {"no-reg": "no-reg", **{f"kure/{i}": f"kure/{i}" for i in range(4)}}
 
 
 @pytest.mark.parametrize("net,ext,methods", [("resnet18", "l1_low", {"l1"}),

@@ -35,10 +35,6 @@ HIGH_END_COST = 3.0
 BIT_SETTINGS = ((None, None), (4, 4), (3, 3), (2, 2), (2, 8))
 
 
-def kure_grid(values) -> list[dict]:
-  return [{**methods.NO_PENALTY, "reg.lambda_kurtosis": k} for k in values]
-
-
 def ste_grid(widths) -> list[dict]:
   return [{**methods.NO_PENALTY, "qat.weight_bits": b, "qat.act_bits": b} for b in widths]
 
@@ -57,7 +53,7 @@ def _grids(l1_lambdas, l2_lambdas) -> dict[str, list[dict]]:
   return {
       "l1": tuning.penalty_grid("l1", l1_lambdas),
       "l2": tuning.penalty_grid("l2", l2_lambdas),
-      "kure": kure_grid((0.1, 0.3, 1.0, 3.0, 10.0, 30.0)),
+      "kure": tuning.kure_grid((0.1, 0.3, 1.0, 3.0, 10.0, 30.0)),
       "ste-qat": ste_grid((6, 5, 4, 3)),
       "multibit-qat": tuning.multibit_grid((6, 5, 4, 3, 2)),
   }
@@ -74,7 +70,8 @@ GRIDS = {
 # runs. SmallCNN (experiments/results/fashion_mnist_tuned/tradeoff/curves.md): KURE's largest
 # value, 30, cost 0.64 +- 0.18 float points, short of 3: the next ladder value above it, 100;
 # which cost 2.04 +- 0.18, still short: the second and last extension, 300.
-EXTENSIONS: dict[str, dict[str, list[dict]]] = {"small_cnn": {"kure": kure_grid((100.0, 300.0))}}
+EXTENSIONS: dict[str, dict[str, list[dict]]] = {
+    "small_cnn": {"kure": tuning.kure_grid((100.0, 300.0))}}
 
 
 def _net(arg) -> str:
