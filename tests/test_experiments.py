@@ -5,15 +5,18 @@ import os
 
 import chex
 import numpy as np
+import jax
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from configs.tables import lazy, paper, tuning
-from experiments import cle_ladder, folded_ranges, make_tables, mixed_precision, reevaluate
+from experiments import bound_tightness, cle_ladder, folded_ranges, make_tables, mixed_precision
+from experiments import reevaluate
 from experiments import run_sweep, study, table1
 from experiments import tune
 from qreg import config as config_lib
-from qreg import checkpoint, evaluate, train
+from qreg import checkpoint, evaluate, ptq, train
 from qreg.models import SmallCNN
 from tests.fakes import tiny_config, write_idx_dir
 
@@ -495,6 +498,38 @@ def test_reevaluate_applies_the_protocol_and_redoes_only_unfinished_runs(referen
     f.truncate(100)
   reevaluate.reevaluate_sweep(root, "strong")
   assert run_sweep.is_finished(reference_copy, reevaluate.results_name("strong"))
+
+
+def test_bound_tightness_weight_terms_against_a_naive_gradient_and_rounding(reference_run):
+  _, workdir, _ = reference_run
+  found = bound_tightness.run_tightness(workdir, num_batches=1, widths=(3,))
+  run = checkpoint.load_run(workdir)
+  assert not run.config.quant.per_channel  # one step per kernel below
+  batch = bound_tightness._batches(run.config, 1)[0]
+  folded = ptq.fold(run.variables["params"], run.variables["batch_stats"])
+  apply = run.model.clone(folded=True).apply
+  loss = lambda p: float(optax.softmax_cross_entropy_with_integer_labels(
+      apply({"params": p}, batch["image"], train=False), batch["label"]).mean())
+  grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      apply({"params": p}, batch["image"], train=False), batch["label"]).mean())(folded)
+  is_kernel = lambda path: path[-1].key == "kernel"
+  for b in (3,):
+    predicted, rounded = 0.0, {}
+    flat_grads = dict(jax.tree_util.tree_leaves_with_path(grads))
+    for path, w in jax.tree_util.tree_leaves_with_path(folded):
+      w = np.asarray(w, np.float64)
+      if is_kernel(path):
+        step = np.abs(w).max() / (2 ** (b - 1) - 1)  # symmetric absmax, per tensor
+        predicted += step / 2 * np.abs(np.asarray(flat_grads[path])).sum()
+        w = np.round(w / step) * step
+      rounded[path] = w.astype(np.float32)
+    quantized = jax.tree_util.tree_unflatten(jax.tree.structure(folded),
+                                             [rounded[p] for p, _ in
+                                              jax.tree_util.tree_leaves_with_path(folded)])
+    np.testing.assert_allclose(found["predicted"]["weights"][str(b)], predicted, rtol=1e-4)
+    np.testing.assert_allclose(found["measured"]["weights"][str(b)],
+                               loss(quantized) - loss(folded), rtol=1e-3, atol=1e-6)
+  assert found["float_loss"] == pytest.approx(loss(folded), rel=1e-6)
 
 
 def test_folded_ranges_reads_each_output_channels_range():

@@ -1,0 +1,213 @@
+"""How tight the first-order bound is: its predicted loss increase against the measured one at
+each bit-width, for every method (issue 23; the paper's Figure-2 kind of check).
+
+    python -m experiments.bound_tightness --workdirs=<tables' roots, e.g. .../small_cnn/tuned,\
+        .../small_cnn/bound> --out=<dir> [--batches=4]
+
+For every finished run under <root>/<method>/seed<s> of each root, on the first --batches
+batches of its evaluation split (config.eval.batch_size each), through the folded network that
+the sweep quantizes (BatchNorm folded with its running statistics), at each width b of WIDTHS:
+- predicted: qreg.bound's B at b with lambda = 1, per term: weights, the sum over kernels and
+  output channels of (delta(b)/2) ||dL/dW^||_1 (symmetric absmax steps, per channel where the
+  run's quant.per_channel says so), and activations, the sum over taps of
+  (delta_t(b)/2) ||dL/da_t||_1 (each tap's scheme on the batch's own min-max);
+- measured: the batch's mean cross-entropy with the folded model quantized at b minus the float
+  one: weights only (the sweep's weight quantizer, rounded to nearest), activations only (each
+  tap's range the batch's own min-max, as the bound's delta_t), and both (activations ranged
+  with the quantized weights, as the sweep calibrates).
+Each value is the mean over the batches. The bound holds to first order for any rounding, with
+the worst-case signs; a measured/predicted ratio well below 1 says how far rounding's errors
+are from that worst case, a ratio above 1 that second-order terms dominate.
+
+Writes to --out: tightness.json (per method, seed and width: predicted and measured per term),
+tightness.md (the ratio measured / predicted, mean ± std over seeds, per term), tightness.png
+(that ratio against bits, one panel per term, one line per method).
+"""
+import collections
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+
+from experiments import make_tables, run_sweep  # pylint: disable=g-import-not-at-top
+from qreg import bound, checkpoint, cli, data, objectives, ptq, report  # pylint: disable=g-import-not-at-top
+
+WIDTHS = (8, 6, 5, 4, 3, 2)
+TERMS = ("weights", "activations", "both")
+
+
+def _batches(config, num_batches: int) -> list[dict[str, np.ndarray]]:
+  """The first num_batches batches of the run's evaluation split, padding dropped."""
+  pipeline = data.build_input_pipeline(config.data)
+  batches = []
+  for batch in pipeline.eval_batches(config.eval.batch_size, split=config.eval.split,
+                                     num_batches=num_batches):
+    keep = np.asarray(batch["mask"]) > 0
+    batches.append({"image": np.asarray(batch["image"])[keep],
+                    "label": np.asarray(batch["label"])[keep]})
+  return batches
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_of(apply_fn, variables, batch):
+  return objectives.cross_entropy(apply_fn(variables, batch["image"], train=False),
+                                  batch["label"])
+
+
+def _loss(apply_fn, variables, batch) -> float:
+  return float(_loss_of(apply_fn, variables, batch))
+
+
+def run_tightness(workdir: str, num_batches: int = 4, widths=WIDTHS) -> dict:
+  """{'predicted': {term: {b: value}}, 'measured': {term: {b: value}}, 'float_loss'} of one
+  run (module docstring)."""
+  run = checkpoint.load_run(workdir)
+  config, model = run.config, run.model
+  params, batch_stats = run.variables["params"], run.variables.get("batch_stats", {})
+  batches = _batches(config, num_batches)
+  setup = ptq.sweep_setup(config, model, batches[0]["image"].shape[1:])
+  folded = ptq.fold(params, batch_stats)
+  float_apply = model.clone(folded=True, act_scheme=setup.act_scheme).apply
+  quantized_apply = {b: model.clone(folded=True, act_bits=b, act_scheme=setup.act_scheme).apply
+                     for b in widths}
+  folded_apply_fn = model.clone(folded=True).apply
+  bound_terms = {b: jax.jit(functools.partial(
+      bound.bound_value, apply_fn=model.apply,
+      penalty=bound.BoundPenalty(1.0, 1.0, b, setup.per_channel, True,
+                                 folded_apply_fn=folded_apply_fn))) for b in widths}
+  predicted = {term: collections.defaultdict(list) for term in TERMS}
+  measured = {term: collections.defaultdict(list) for term in TERMS}
+  float_losses = []
+  for batch in batches:
+    batch = jax.tree.map(jnp.asarray, batch)
+    perturbations = objectives.zero_perturbations(model.apply, params, batch_stats,
+                                                  batch["image"])
+    float_loss = _loss(float_apply, {"params": folded}, batch)
+    float_losses.append(float_loss)
+    float_samples = ptq._activation_samples(float_apply, {"params": folded}, batch["image"])  # pylint: disable=protected-access
+    for b in widths:
+      _, (weights, activations) = bound_terms[b](params, batch_stats, batch, perturbations=perturbations)
+      predicted["weights"][b].append(float(weights))
+      predicted["activations"][b].append(float(activations))
+      predicted["both"][b].append(float(weights) + float(activations))
+      qparams = setup.quantize_weights(folded, b)
+      measured["weights"][b].append(_loss(float_apply, {"params": qparams}, batch) - float_loss)
+      ranges = ptq.activation_ranges(float_samples, b, setup)
+      measured["activations"][b].append(_loss(
+          quantized_apply[b], {"params": folded, "activation_ranges": ranges}, batch) - float_loss)
+      samples = ptq._activation_samples(float_apply, {"params": qparams}, batch["image"])  # pylint: disable=protected-access
+      ranges = ptq.activation_ranges(samples, b, setup)
+      measured["both"][b].append(_loss(
+          quantized_apply[b], {"params": qparams, "activation_ranges": ranges}, batch) - float_loss)
+  mean = lambda table: {term: {str(b): float(np.mean(v)) for b, v in values.items()}
+                        for term, values in table.items()}
+  return {"predicted": mean(predicted), "measured": mean(measured),
+          "float_loss": float(np.mean(float_losses)), "batches": len(batches),
+          "examples": int(sum(len(b["label"]) for b in batches)),
+          "per_channel": setup.per_channel}
+
+
+def read_or_measure(roots: list[str], num_batches: int) -> dict:
+  """{method: {seed: run_tightness}} of every finished run under the roots (a method found
+  under an earlier root is not read again), each kept beside its results as tightness.json (a
+  run measured already is read, not measured again)."""
+  runs = collections.OrderedDict()
+  for root, method in [(root, m) for root in roots for m in sorted(os.listdir(root))]:
+    method_dir = os.path.join(root, method)
+    if not os.path.isdir(method_dir) or method in runs:
+      continue
+    for name in sorted(os.listdir(method_dir)):
+      run_dir = os.path.join(method_dir, name)
+      if not (name.startswith("seed") and run_sweep.is_finished(run_dir)):
+        continue
+      path = os.path.join(run_dir, "tightness.json")
+      found = report.read_finished_results(path) if os.path.exists(path) else None
+      if found is None or found.get("batches") != num_batches:
+        print(f"=== {method}/{name}: bound tightness ===", flush=True)
+        found = run_tightness(run_dir, num_batches)
+        report.write_json_atomic(path, found)
+        jax.clear_caches()
+      runs.setdefault(method, {})[int(name[4:])] = found
+  if not runs:
+    raise FileNotFoundError(f"No finished runs under {', '.join(roots)} (<method>/seed<s>).")
+  return runs
+
+
+def ratios(runs: dict) -> dict:
+  """{method: {term: {b: [measured / predicted per seed]}}}."""
+  out = {}
+  for method, seeds in runs.items():
+    out[method] = {term: {b: [s["measured"][term][str(b)] / s["predicted"][term][str(b)]
+                              for s in seeds.values()] for b in WIDTHS} for term in TERMS}
+  return out
+
+
+def markdown(runs: dict) -> str:
+  table = ratios(runs)
+  lines = []
+  for term in TERMS:
+    lines += [f"## {term}: measured / predicted loss increase, mean ± std over seeds\n",
+              "| method | " + " | ".join(f"W{b}A{b}" if term == "both" else f"{b} bits"
+                                         for b in WIDTHS) + " |",
+              "|---|" + "---|" * len(WIDTHS)]
+    for method, by_term in table.items():
+      lines.append(f"| {method} | " + " | ".join(
+          "{:.3f} ± {:.3f}".format(*make_tables.mean_std(by_term[term][b])) for b in WIDTHS) + " |")
+    lines.append("")
+  lines += ["## Predicted and measured loss increase (both terms), mean over seeds\n",
+            "| method | " + " | ".join(f"W{b}A{b}" for b in WIDTHS) + " |",
+            "|---|" + "---|" * len(WIDTHS)]
+  for method, seeds in runs.items():
+    cells = [f"{np.mean([s['predicted']['both'][str(b)] for s in seeds.values()]):.3g} / "
+             f"{np.mean([s['measured']['both'][str(b)] for s in seeds.values()]):.3g}"
+             for b in WIDTHS]
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict, path: str, title: str = "") -> None:
+  table = ratios(runs)
+  fig, axes = plt.subplots(1, len(TERMS), figsize=(4 * len(TERMS), 3.8), sharey=True)
+  for ax, term in zip(axes, TERMS):
+    for i, (method, by_term) in enumerate(table.items()):
+      stats = [make_tables.mean_std(by_term[term][b]) for b in WIDTHS]
+      ax.errorbar(WIDTHS, [m for m, _ in stats], yerr=[s for _, s in stats], fmt="-o",
+                  capsize=3, color=f"C{i}", label=method)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_xlabel("bits")
+    ax.set_title(term)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("measured / predicted loss increase")
+  axes[-1].legend(fontsize=7)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_tightness(roots: list[str], out: str, num_batches: int = 4, title: str = "") -> str:
+  runs = read_or_measure(roots, num_batches)
+  os.makedirs(out, exist_ok=True)
+  report.write_json_atomic(os.path.join(out, "tightness.json"),
+                           {m: {str(s): r for s, r in seeds.items()} for m, seeds in runs.items()})
+  table = markdown(runs)
+  report.write_text_atomic(os.path.join(out, "tightness.md"), table)
+  plot(runs, os.path.join(out, "tightness.png"), title)
+  return table
+
+
+if __name__ == "__main__":
+  _WORKDIRS = flags.DEFINE_list("workdirs", None, "Tables' roots (<method>/seed<s> runs).",
+                                required=True)
+  _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+  _BATCHES = flags.DEFINE_integer("batches", 4, "Evaluation batches to average over.")
+  cli.run(lambda argv: print(write_tightness(_WORKDIRS.value, _OUT.value, _BATCHES.value)))
