@@ -19,7 +19,8 @@
 | multibit_qat       | multi-bit QAT's tuning and tuned rows beside the tuned table (a grid   |
 |                    | extension), then Table 1                                               |
 | bound_penalty      | the bound-aware penalty's forms (qreg.bound), tuned and run likewise;  |
-|                    | the bound's predicted loss increase against the measured, every run    |
+|                    | the bound's predicted loss increase against the measured, every run;   |
+|                    | elsewhere than small_cnn, SmallCNN's choices transferred unchanged     |
 | tradeoff           | every method's trade-off curve (configs/tables/tradeoff.py), 3 seeds,  |
 |                    | both protocols; curves and the iso-float-cost table                    |
 | mixed_precision    | the tuned table's no-reg, l1, l2 and KURE runs (network_table) re-swept |
@@ -42,7 +43,7 @@ from absl import flags, logging
 
 from configs.tables import ablations as ablations_config
 from configs.tables import tuned
-from experiments import bound_tightness
+from experiments import bound_tightness, bound_transfer
 from experiments import cle_ladder as cle_report
 from experiments import curves, make_tables, reevaluate, run_sweep, table1, tune
 from experiments import mixed_precision as mixed_report
@@ -165,6 +166,15 @@ def multibit_qat(workdir: str, net: str) -> None:
 def bound_penalty(workdir: str, net: str) -> None:
   grid_extension(workdir, net, "bound")
   root = os.path.join(workdir, net)
+  if net != "small_cnn":  # the transfer test: SmallCNN's validation choices, unchanged
+    choices = run_sweep.read_choices(os.path.join(
+        RESULTS, NETWORKS["small_cnn"].tables, "bound", "tuning", "choices.json"))
+    sweep = run_sweep.load_sweep(_table("tuned", f"net={net}"), choices)
+    share_tuned_runs(root, net, sweep, os.path.join(root, "bound_transfer"))
+    run_sweep.run_sweep(sweep.spec, os.path.join(root, "bound_transfer"), choices=choices)
+    both_protocols(os.path.join(root, "bound_transfer"),
+                   os.path.join(RESULTS, _network(net).tables, "bound_transfer"))
+    print(bound_transfer.write_transfer(), flush=True)
   roots = [os.path.join(root, name) for name in ("tuned", "bound", "multibit")
            if os.path.isdir(os.path.join(root, name))]
   print(bound_tightness.write_tightness(

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs.tables import lazy, paper, tuning
-from experiments import bound_tightness, cle_ladder, folded_ranges, make_tables, mixed_precision
+from experiments import bound_tightness, bound_transfer, cle_ladder, folded_ranges, make_tables, mixed_precision
 from experiments import reevaluate
 from experiments import run_sweep, study, table1
 from experiments import tune
@@ -530,6 +530,49 @@ def test_bound_tightness_weight_terms_against_a_naive_gradient_and_rounding(refe
     np.testing.assert_allclose(found["measured"]["weights"][str(b)],
                                loss(quantized) - loss(folded), rtol=1e-3, atol=1e-6)
   assert found["float_loss"] == pytest.approx(loss(folded), rel=1e-6)
+
+
+def test_bound_transfer_pairs_the_transferred_rows_with_the_own_choice_per_seed(tmp_path,
+                                                                                 monkeypatch):
+  monkeypatch.setattr(bound_transfer, "RESULTS", str(tmp_path))
+  rng = np.random.default_rng(2)
+  settings = [s for _, s in bound_transfer.POINTS]
+
+  def write(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(obj, f)
+
+  def choices(bits):
+    return {"methods": {form: {"overrides": {"reg.bound_bits": b}}
+                        for form, b in zip(bound_transfer.FORMS, bits)}}
+
+  write(tmp_path / bound_transfer.SOURCE / "bound/tuning/choices.json", choices((8, 8, 8)))
+  write(tmp_path / "resnet18/bound/tuning/choices.json", choices((10, 8, 6)))
+  acc = {}
+  for kind in ("bound", "bound_transfer"):
+    for protocol in ("paper", "strong"):
+      per_seed = {}
+      for form in bound_transfer.FORMS[:2]:  # layer-bound has no rows: left out
+        runs = []
+        for seed in (2, 0, 1):
+          values = rng.uniform(0.1, 0.9, len(settings))
+          acc[kind, protocol, form, seed] = values
+          runs.append({"seed": seed, "rows": [{"weight_bits": w, "act_bits": a, "accuracy": v}
+                                              for (w, a), v in zip(settings, values)]})
+        per_seed[form] = runs
+      write(tmp_path / "resnet18" / kind / protocol / "per_seed.json", per_seed)
+  table = bound_transfer.write_transfer(("vgg", "resnet18"))  # vgg has nothing: no row
+  rows = json.loads((tmp_path / "bound_transfer.json").read_text())
+  assert [(r["network"], r["form"], r["own_bits"], r["transferred_bits"]) for r in rows] == [
+      ("resnet18", "bound", 10, 8), ("resnet18", "bound-diff", 8, 8)]
+  i = bound_transfer.POINTS.index(("strong", (2, 2)))
+  naive = [100 * (acc["bound_transfer", "strong", "bound", s][i]
+                  - acc["bound", "strong", "bound", s][i]) for s in (0, 1, 2)]
+  point = rows[0]["points"]["strong (2,2)"]
+  np.testing.assert_allclose(list(point["per_seed"].values()), naive, rtol=1e-12)
+  np.testing.assert_allclose(point["difference"], [np.mean(naive), np.std(naive, ddof=1)])
+  assert f"{np.mean(naive):+.2f} ± {np.std(naive, ddof=1):.2f} (" in table
 
 
 def test_folded_ranges_reads_each_output_channels_range():
