@@ -27,6 +27,8 @@
 |                    | with mixed precision at 2-8 bits per weight on each sensitivity        |
 | cle_ladder         | the same runs re-swept after cross-layer equalization (+ bias          |
 |                    | correction), beside the paper and strong protocols                     |
+| drift              | the bound penalty from the start (configs/tables/drift.py) against the |
+|                    | l1 runs: growth along BatchNorm's free directions (after bound_penalty) |
 | table1             | the cross-network Table 1 from the committed tables                    |
 
 Runs train in --workdir/<net>/<sweep>/<run>; results go to experiments/results/. Every step
@@ -45,7 +47,7 @@ from configs.tables import ablations as ablations_config
 from configs.tables import tuned
 from experiments import bound_tightness, bound_transfer
 from experiments import cle_ladder as cle_report
-from experiments import curves, make_tables, reevaluate, run_sweep, table1, tune
+from experiments import curves, drift, make_tables, reevaluate, run_sweep, table1, tune
 from experiments import mixed_precision as mixed_report
 from qreg import checkpoint, cli, evaluate, export, report
 
@@ -376,6 +378,33 @@ def cle_ladder(workdir: str, net: str) -> None:
   print(cle_report.write_ladder(root, out), flush=True)
 
 
+def drift_runs(workdir: str, net: str) -> None:
+  """The bound form from the start (configs/tables/drift.py) beside the uniform penalty's runs,
+  each against its seed's no-reg run: experiments.drift's tables."""
+  network, root = _network(net), os.path.join(workdir, net)
+  path = os.path.join(RESULTS, network.tables, "bound", "tuning", "choices.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: run the bound_penalty study on {net} first.")
+  choices = run_sweep.read_choices(path)
+  sweep = run_sweep.load_sweep(_table("drift", f"net={net}"), choices)
+  share_tuned_runs(root, net, sweep, os.path.join(root, "drift"))
+  run_sweep.run_sweep(sweep.spec, os.path.join(root, "drift"), choices=choices)
+  sets = (("bound from the start", os.path.join(root, "drift", "bound_from_the_start")),
+          ("bound last epoch", os.path.join(root, "bound", "bound")),
+          ("l1 from the start", os.path.join(root, "ablations", "l1_both_from_the_start")),
+          ("l1 last epoch", os.path.join(root, "tuned", "l1")))
+  references, runs, labels = [], [], []
+  for label, run_root in sets:
+    for seed in tuned.SEEDS:
+      run_dir = os.path.join(run_root, f"seed{seed}")
+      if run_sweep.is_finished(run_dir):
+        references.append(os.path.join(root, "tuned", "no-reg", f"seed{seed}"))
+        runs.append(run_dir)
+        labels.append(label)
+  print(drift.drift(references, runs, labels, os.path.join(RESULTS, network.tables, "drift_bound")),
+        flush=True)
+
+
 def write_table1(workdir: str, net: str) -> None:
   del workdir, net
   print(table1.write_table1(), flush=True)
@@ -394,6 +423,7 @@ STUDIES = {
     "bound_penalty": bound_penalty,
     "mixed_precision": mixed_precision,
     "cle_ladder": cle_ladder,
+    "drift": drift_runs,
     "table1": write_table1,
 }
 

@@ -140,6 +140,25 @@ def test_ablations_vary_only_the_l1_terms_and_schedule(net, tmp_path):
     run_sweep.load_sweep(table("ablations", f"net={net}"), choices={})
 
 
+def test_drift_runs_train_the_bound_choice_from_the_start_beside_the_tables_no_reg(tmp_path):
+  with open(os.path.join(RESULTS, BOUND_TUNING_RESULTS["small_cnn"], "choices.json")) as f:
+    bound = json.load(f)["methods"]["bound"]["overrides"]
+  sweep = run_sweep.load_sweep(table("drift", "net=small_cnn"), choices={"bound": bound})
+  for run in sweep.runs:
+    config = validated(sweep, run, tmp_path)
+    if run["labels"]["method"] == "no-reg":
+      continue
+    assert run["warm_start"] is None and run["name"].startswith("bound_from_the_start/seed")
+    assert (config.reg.form, config.reg.bound_bits, config.reg.start_epoch) == (
+        "bound", bound["reg.bound_bits"], 0)
+    assert config.train.log_norms and config.eval.split == "test"
+  tuned = run_sweep.load_sweep(table("tuned", "net=small_cnn"), choices={})
+  assert study.same_training(tuned, sweep) == {f"no-reg/seed{s}": f"no-reg/seed{s}"
+                                              for s in (0, 1, 2)}
+  with pytest.raises(ValueError, match="bound tuning's choice"):
+    run_sweep.load_sweep(table("drift", "net=small_cnn"), choices={})
+
+
 def write_run(root, name, labels, overrides, paper, strong):
   run = root / name
   run.mkdir(parents=True)
