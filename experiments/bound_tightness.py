@@ -82,6 +82,7 @@ def run_tightness(workdir: str, num_batches: int = 4, widths=WIDTHS) -> dict:
       bound.bound_value, apply_fn=model.apply,
       penalty=bound.BoundPenalty(1.0, 1.0, b, setup.per_channel, True,
                                  folded_apply_fn=folded_apply_fn))) for b in widths}
+  qparams = {b: setup.quantize_weights(folded, b) for b in widths}  # the same for every batch
   predicted = {term: collections.defaultdict(list) for term in TERMS}
   measured = {term: collections.defaultdict(list) for term in TERMS}
   float_losses = []
@@ -97,15 +98,14 @@ def run_tightness(workdir: str, num_batches: int = 4, widths=WIDTHS) -> dict:
       predicted["weights"][b].append(float(weights))
       predicted["activations"][b].append(float(activations))
       predicted["both"][b].append(float(weights) + float(activations))
-      qparams = setup.quantize_weights(folded, b)
-      measured["weights"][b].append(_loss(float_apply, {"params": qparams}, batch) - float_loss)
+      measured["weights"][b].append(_loss(float_apply, {"params": qparams[b]}, batch) - float_loss)
       ranges = ptq.activation_ranges(float_samples, b, setup)
       measured["activations"][b].append(_loss(
           quantized_apply[b], {"params": folded, "activation_ranges": ranges}, batch) - float_loss)
-      samples = ptq._activation_samples(float_apply, {"params": qparams}, batch["image"])  # pylint: disable=protected-access
+      samples = ptq._activation_samples(float_apply, {"params": qparams[b]}, batch["image"])  # pylint: disable=protected-access
       ranges = ptq.activation_ranges(samples, b, setup)
       measured["both"][b].append(_loss(
-          quantized_apply[b], {"params": qparams, "activation_ranges": ranges}, batch) - float_loss)
+          quantized_apply[b], {"params": qparams[b], "activation_ranges": ranges}, batch) - float_loss)
   mean = lambda table: {term: {str(b): float(np.mean(v)) for b, v in values.items()}
                         for term, values in table.items()}
   return {"predicted": mean(predicted), "measured": mean(measured),

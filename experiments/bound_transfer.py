@@ -13,12 +13,12 @@ POINTS, and the paired difference transferred minus own per seed (the runs of se
 warm-start from the same no-reg run). Where the two choices are the same width, the rows are the
 same runs and the difference is 0.
 """
-import json
 import os
 
 from absl import flags
 
 from experiments import make_tables
+from experiments.table1 import read_if_present
 from qreg import cli, report
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -30,15 +30,8 @@ POINTS = (("paper", (None, None)), ("paper", (4, 4)), ("paper", (3, 3)), ("stron
           ("strong", (2, 2)))
 
 
-def _read(path: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def choices(tables: str) -> dict[str, int] | None:
-  found = _read(os.path.join(RESULTS, tables, "bound", "tuning", "choices.json"))
+  found = read_if_present(os.path.join(RESULTS, tables, "bound", "tuning", "choices.json"))
   return None if found is None else {
       form: c["overrides"]["reg.bound_bits"] for form, c in found["methods"].items()}
 
@@ -47,7 +40,7 @@ def network_rows(net: str) -> list[dict]:
   """One row per bound form that has both its own and the transferred runs."""
   tables = TABLES[net]
   own_bits, source_bits = choices(tables), choices(SOURCE)
-  runs = {(kind, protocol): _read(os.path.join(RESULTS, tables, kind, protocol, "per_seed.json"))
+  runs = {(kind, protocol): read_if_present(os.path.join(RESULTS, tables, kind, protocol, "per_seed.json"))
           for kind in ("bound", "bound_transfer") for protocol in ("paper", "strong")}
   if own_bits is None or source_bits is None or any(r is None for r in runs.values()):
     return []
@@ -82,9 +75,7 @@ def markdown(rows: list[dict]) -> str:
     for name in names:
       p = row["points"][name]
       cells.append(f"{p['own'][0]:.2f} ± {p['own'][1]:.2f} → {p['transferred'][0]:.2f} ± "
-                   f"{p['transferred'][1]:.2f}; {p['difference'][0]:+.2f} ± "
-                   f"{p['difference'][1]:.2f} (" + " / ".join(
-                       f"{d:+.1f}" for d in p["per_seed"].values()) + ")")
+                   f"{p['transferred'][1]:.2f}; " + make_tables.paired_cell(p["per_seed"].values()))
     lines.append(f"| {row['network']} | {row['form']} | {row['own_bits']} → "
                  f"{row['transferred_bits']} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"

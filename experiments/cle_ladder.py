@@ -56,11 +56,7 @@ def _cell(values) -> str:
 
 def _paired(own: dict, base: dict, setting) -> str:
   seeds = sorted(s for s in base if s in own)
-  diffs = [own[s][setting] - base[s][setting] for s in seeds]
-  if not diffs:
-    return ""
-  mean, std = make_tables.mean_std(diffs)
-  return f"{mean:+.2f} ± {std:.2f} (" + " / ".join(f"{d:+.1f}" for d in diffs) + ")"
+  return make_tables.paired_cell(own[s][setting] - base[s][setting] for s in seeds) if seeds else ""
 
 
 def markdown(ladder: dict) -> str:

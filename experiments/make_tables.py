@@ -107,6 +107,13 @@ def paired_gains(by_method: dict[str, list[dict]], setting,
   return gains
 
 
+def paired_cell(differences) -> str:
+  """Paired differences (points) in a table cell: mean ± std, then each one."""
+  differences = list(differences)
+  mean, std = mean_std(differences)
+  return f"{mean:+.2f} ± {std:.2f} (" + " / ".join(f"{d:+.1f}" for d in differences) + ")"
+
+
 def gains_markdown(gains_by_setting: dict, settings, reference: str = "no-reg") -> str:
   lines = [f"Paired gain over {reference} (points): a method's test accuracy minus "
            f"{reference}'s on the same seed; mean ± std over seeds, then each seed's value.", "",
@@ -117,8 +124,7 @@ def gains_markdown(gains_by_setting: dict, settings, reference: str = "no-reg") 
     cells = []
     for setting in settings:
       g = gains_by_setting[setting].get(method)
-      cells.append("" if g is None else f"{g['mean']:+.2f} ± {g['std']:.2f} (" + " / ".join(
-          f"{v:+.1f}" for v in g["per_seed"].values()) + ")")
+      cells.append("" if g is None else paired_cell(g["per_seed"].values()))
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 

@@ -192,12 +192,9 @@ def grid_extension(workdir: str, net: str, ext: str) -> None:
   first where they are gone), in experiments/results/<network's tables>/<ext>."""
   network, root = _network(net), os.path.join(workdir, net)
   out = os.path.join(RESULTS, network.tables, ext)
-  tuned_no_reg_runs(root, net)
-  share_no_reg_runs(root, f"{ext}_tuning", tuning=True)
-  share_no_reg_runs(root, ext, tuning=False)
   spec, tuning_root = _table("tuning", f"net={net},grid={ext}"), os.path.join(root, f"{ext}_tuning")
-  # A grid that continues the pre-registered one (kure_high) takes its runs that it lacks:
-  # trained there where they are gone, and linked in.
+  # The pre-registered tuning's runs that the grid has too (its no-reg run; kure_high's first
+  # values) and lacks: trained there where they are gone, and linked in.
   tuning_sweep = run_sweep.load_sweep(_table("tuning", f"net={net}"))
   shared = {source: name for source, name in
             same_training(tuning_sweep, run_sweep.load_sweep(spec)).items()
@@ -206,7 +203,8 @@ def grid_extension(workdir: str, net: str, ext: str) -> None:
     run_sweep.run_sweep(tuning_sweep.spec, os.path.join(root, "tuning"), only=sorted(shared))
     share_runs(os.path.join(root, "tuning"), shared, tuning_root)
   choices = tuned_choices(spec, tuning_root, os.path.join(out, "tuning"))
-  # A choice that is the tuned table's (or another extension's) takes that table's runs.
+  # The tuned table's no-reg runs (trained first where they are gone), and a choice that is the
+  # tuned table's (or another extension's), take that table's runs.
   share_tuned_runs(root, net, run_sweep.load_sweep(_table("tuned", f"net={net}"), choices),
                    os.path.join(root, ext))
   run_sweep.run_sweep(_table("tuned", f"net={net}"), os.path.join(root, ext), choices=choices)

@@ -38,7 +38,7 @@ PAPER_4BIT = {"vgg": "VGG-like, CIFAR-10: 11.47% -> 85.99%",
               "mobilenetv2": "(not in the paper's Table 1; KURE's network)"}
 
 
-def _read_per_seed(path: str) -> dict | None:
+def read_if_present(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
@@ -46,7 +46,7 @@ def _read_per_seed(path: str) -> dict | None:
 
 
 def read_network(network: str, protocol: str) -> dict | None:
-  per_seed = _read_per_seed(os.path.join(RESULTS, network, protocol, "per_seed.json"))
+  per_seed = read_if_present(os.path.join(RESULTS, network, protocol, "per_seed.json"))
   if per_seed is None:
     return None
   # Rows run after the table beside its no-reg runs (experiments.study multibit_qat): each is
@@ -54,7 +54,7 @@ def read_network(network: str, protocol: str) -> dict | None:
   # where the workdir was gone; `no_reg_differs` says whether they match the table's).
   supplements = {}
   for supplement in SUPPLEMENTS:
-    rows = _read_per_seed(os.path.join(RESULTS, network, supplement, protocol, "per_seed.json"))
+    rows = read_if_present(os.path.join(RESULTS, network, supplement, protocol, "per_seed.json"))
     if rows is not None:
       supplements[supplement] = rows
       per_seed.update({m: runs for m, runs in rows.items() if m != "no-reg"})

@@ -31,6 +31,6 @@ def sweep(arg=None, *, choices):
   for run in runs:
     method, seed = run["labels"]["method"], run["labels"]["seed"]
     run["name"] = f"{method.replace(',', '').replace(' ', '_')}/seed{seed}"
-    if run["labels"]["method"] != "no-reg":
+    if method != "no-reg":
       run["warm_start"] = None  # trains every epoch itself
   return runs
