@@ -1,6 +1,7 @@
 """qreg's studies, each a sequence of resumable steps: train, tune, re-sweep, tabulate.
 
     python -m experiments.study <study> [--net=<network>] [--workdir=workdirs/studies]
+                                [--tuning=run|committed]
 
 | study              | steps                                                                 |
 |--------------------|-----------------------------------------------------------------------|
@@ -34,8 +35,9 @@
 Runs train in --workdir/<net>/<sweep>/<run>; results go to experiments/results/. Every step
 skips what is done: a finished run (a readable results.json) is not retrained, an interrupted
 one resumes from its checkpoint, a re-sweep already written is not redone, and tables are
-rewritten from the runs. Tuned choices pass from the tuning step to the table sweep here; no
-config reads a results file.
+rewritten from the runs. Tuned choices pass from the tuning step to the table sweep here (with
+--tuning=committed, from the choices.json the tuning wrote when it ran, its runs not retrained);
+no config reads a results file.
 """
 import dataclasses
 import os
@@ -88,8 +90,16 @@ def _network(net: str) -> Network:
 
 def tuned_choices(spec: str, root: str, out: str) -> dict[str, dict]:
   """The tuning sweep `spec` in root, then each method's choice on the validation split, written
-  to out; returns {method: overrides} for the table sweep."""
-  return tune.tune(run_sweep.run_sweep(spec, root), root, out)
+  to out; returns {method: overrides} for the table sweep. With --tuning=committed: the choices
+  the tuning wrote to out when it ran, and nothing trained."""
+  if _tuning_source == "run":
+    return tune.tune(run_sweep.run_sweep(spec, root), root, out)
+  path = os.path.join(out, "choices.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--tuning=committed: {path} not found; run the tuning "
+                            f"(--tuning=run) first.")
+  logging.info("Tuned choices from %s (--tuning=committed): the tuning is not run.", path)
+  return run_sweep.read_choices(path)
 
 
 def both_protocols(root: str, out: str) -> None:
@@ -194,12 +204,12 @@ def grid_extension(workdir: str, net: str, ext: str) -> None:
   out = os.path.join(RESULTS, network.tables, ext)
   spec, tuning_root = _table("tuning", f"net={net},grid={ext}"), os.path.join(root, f"{ext}_tuning")
   # The pre-registered tuning's runs that the grid has too (its no-reg run; kure_high's first
-  # values) and lacks: trained there where they are gone, and linked in.
+  # values) and lacks: trained there where they are gone, and linked in (with --tuning=run).
   tuning_sweep = run_sweep.load_sweep(_table("tuning", f"net={net}"))
   shared = {source: name for source, name in
             same_training(tuning_sweep, run_sweep.load_sweep(spec)).items()
             if not os.path.lexists(os.path.join(tuning_root, name))}
-  if shared:
+  if shared and _tuning_source == "run":
     run_sweep.run_sweep(tuning_sweep.spec, os.path.join(root, "tuning"), only=sorted(shared))
     share_runs(os.path.join(root, "tuning"), shared, tuning_root)
   choices = tuned_choices(spec, tuning_root, os.path.join(out, "tuning"))
@@ -426,11 +436,26 @@ STUDIES = {
 }
 
 
-def run_study(name: str, workdir: str, net: str = "small_cnn") -> None:
+# Where a network's tuned choices come from (--tuning).
+TUNING_SOURCES = ("run", "committed")
+_tuning_source = "run"
+
+
+def run_study(name: str, workdir: str, net: str = "small_cnn", tuning: str = "run") -> None:
+  """Runs a study. tuning='committed' takes each network's tuned choices from its committed
+  choices.json instead of training its tuning: a table whose workdir is gone is retrained at
+  about half the cost, at the choices its validation tuning made when it ran."""
+  global _tuning_source
   if name not in STUDIES:
     raise ValueError(f"unknown study {name!r}: expected one of {', '.join(STUDIES)}.")
-  logging.info("Study %s (net %s) in %s.", name, net, os.path.abspath(workdir))
-  STUDIES[name](os.path.abspath(workdir), net)
+  if tuning not in TUNING_SOURCES:
+    raise ValueError(f"--tuning={tuning}: expected one of {', '.join(TUNING_SOURCES)}.")
+  logging.info("Study %s (net %s, tuning %s) in %s.", name, net, tuning, os.path.abspath(workdir))
+  _tuning_source = tuning
+  try:
+    STUDIES[name](os.path.abspath(workdir), net)
+  finally:
+    _tuning_source = "run"
 
 
 def _main(argv) -> None:
@@ -438,10 +463,14 @@ def _main(argv) -> None:
     raise ValueError(f"name one study: python -m experiments.study <study>, with <study> one of "
                      f"{', '.join(STUDIES)}.")
   cli.configure_logging()
-  run_study(argv[1], _WORKDIR.value, _NET.value)
+  run_study(argv[1], _WORKDIR.value, _NET.value, _TUNING.value)
 
 
 if __name__ == "__main__":
   _NET = flags.DEFINE_string("net", "small_cnn", f"Network: {', '.join(NETWORKS)}.")
   _WORKDIR = flags.DEFINE_string("workdir", "workdirs/studies", "Root of the studies' runs.")
+  _TUNING = flags.DEFINE_string(
+      "tuning", "run", "Where the tuned choices come from: 'run' (train the validation tuning, "
+      "what is unfinished of it, and choose) or 'committed' (the choices.json it wrote when it "
+      "ran, under experiments/results; nothing of the tuning is trained).")
   cli.run(_main, positional_args=1)

@@ -3,6 +3,7 @@ tuned table on the test set, both protocols' tables; resumed, it redoes nothing 
 unfinished."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -101,6 +102,23 @@ def test_network_table_study_end_to_end_and_resumed(tiny_study):
   assert run_sweep.is_finished(str(cut.parent))
   assert {path for path in runs if os.path.getmtime(path) != mtimes[path]} == {cut}
   assert {p: (results / "tiny" / p / "table.md").read_text() for p in tables} == tables
+
+  # --tuning=committed: a table whose workdir is gone is retrained at the committed choices,
+  # nothing of the tuning trained, and comes back the same.
+  shutil.rmtree(workdir / "tiny" / "tuning")
+  shutil.rmtree(workdir / "tiny" / "tuned" / "l1")
+  study.run_study("network_table", str(workdir), "tiny", tuning="committed")
+  assert not (workdir / "tiny" / "tuning").exists()
+  assert {p: (results / "tiny" / p / "table.md").read_text() for p in tables} == tables
+
+
+def test_committed_tuning_needs_the_committed_choices(tiny_study):
+  workdir, results = tiny_study
+  with pytest.raises(FileNotFoundError, match="--tuning=committed: .*choices.json not found"):
+    study.run_study("network_table", str(workdir), "tiny", tuning="committed")
+  with pytest.raises(ValueError, match="--tuning=latest: expected one of run, committed"):
+    study.run_study("network_table", str(workdir), "tiny", tuning="latest")
+  assert not workdir.exists() and not results.exists()
 
 
 def test_default_comparison_study(tiny_study):
