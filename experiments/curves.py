@@ -14,6 +14,10 @@ tradeoff writes both). Writes to --out:
   iso-float-cost table: at each BUDGETS float cost, each method's best grid value at each
   setting, as a paired gain over no-reg, and the method on the upper envelope.
 
+A grid value whose training diverged on a seed (run_sweep's diverged.json) has no accuracy
+there; it is listed with its seeds, and its float cost counts as unbounded: it reaches the high
+end (as in the tuning, configs/tables/tradeoff.py) and no budget admits it.
+
 The iso-float-cost table picks, per method, the best of its grid values on the test set: an
 upper envelope of measured curves, not a hyperparameter choice (Table 1's choices are made on
 the validation split).
@@ -29,7 +33,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
 from configs.tables import tradeoff  # pylint: disable=g-import-not-at-top
-from experiments import make_tables, reevaluate  # pylint: disable=g-import-not-at-top
+from experiments import make_tables, reevaluate, run_sweep  # pylint: disable=g-import-not-at-top
 from qreg import cli, report  # pylint: disable=g-import-not-at-top
 
 FLOAT = ("paper", (None, None))
@@ -79,6 +83,23 @@ def read_runs(root: str) -> dict:
   return found
 
 
+def read_diverged(root: str) -> dict:
+  """(method, value) -> {"overrides", "seeds"}: the runs whose training diverged, in the sweep's
+  order."""
+  found = collections.OrderedDict()
+  for run_dir in make_tables._run_dirs(root, run_sweep.DIVERGED):  # pylint: disable=protected-access
+    if run_sweep.diverged(run_dir) is None:
+      continue
+    with open(os.path.join(run_dir, "run.json")) as f:
+      run = json.load(f)
+    labels, overrides = run["labels"], dict(run["overrides"])
+    overrides.pop("seed", None)
+    entry = found.setdefault((labels["method"], labels.get("value")),
+                             {"overrides": overrides, "seeds": []})
+    entry["seeds"].append(labels["seed"])
+  return found
+
+
 def _summary(values) -> dict:
   mean, std = make_tables.mean_std(values)
   return {"mean": mean, "std": std}
@@ -107,18 +128,29 @@ def curves(root: str) -> dict:
         "accuracy": {n: _summary(per_seed[s][n] for s in seeds) for n in names},
         "float_cost": {**_summary(cost.values()), "per_seed": cost},
         "gain": {n: {**_summary(g.values()), "per_seed": g} for n, g in gains.items()}})
+  diverged = collections.OrderedDict()
+  for (method, value), entry in read_diverged(root).items():
+    by_method.setdefault(method, [])
+    # A value diverged on some seeds has no mean float cost: its finished seeds leave the curve.
+    by_method[method] = [p for p in by_method[method] if p["value"] != value]
+    diverged.setdefault(method, []).append({
+        "value": value, "label": value_label(entry["overrides"]),
+        "overrides": entry["overrides"], "seeds": sorted(entry["seeds"])})
   return {"points": names,
           "no_reg": {"per_seed": no_reg,
                      "accuracy": {n: _summary(v[n] for v in no_reg.values()) for n in names}},
-          "methods": by_method}
+          "methods": by_method, "diverged": diverged}
 
 
-def ends(points: list[dict]) -> dict:
-  """Whether a curve reaches both ends of the grid rule, on its mean float costs."""
+def ends(points: list[dict], diverged: list[dict] = ()) -> dict:
+  """Whether a curve reaches both ends of the grid rule, on its mean float costs (of the values
+  that trained; None where none did); a value that diverged reaches the high end (its cost is
+  unbounded)."""
   costs = [p["float_cost"]["mean"] for p in points]
-  return {"lowest_cost": min(costs), "highest_cost": max(costs),
-          "low_end": min(costs) <= tradeoff.LOW_END_COST,
-          "high_end": max(costs) >= tradeoff.HIGH_END_COST}
+  return {"lowest_cost": min(costs, default=None), "highest_cost": max(costs, default=None),
+          "diverged": bool(diverged),
+          "low_end": bool(costs) and min(costs) <= tradeoff.LOW_END_COST,
+          "high_end": bool(diverged) or (bool(costs) and max(costs) >= tradeoff.HIGH_END_COST)}
 
 
 def iso_float_cost(result: dict) -> dict:
@@ -160,21 +192,28 @@ def markdown(result: dict, iso: dict, net: str) -> str:
            "## Every grid value", "",
            "| method | value | seeds | float cost | " + " | ".join(names) + " |",
            "|---|---|---|---|" + "---|" * len(names)]
+  diverged = result["diverged"]
   for method, points in result["methods"].items():
     for p in points:
       lines.append(f"| {method} | {p['label']} | {len(p['seeds'])} | "
                    f"{_pm(p['float_cost'], True)} | "
                    + " | ".join(_pm(p["accuracy"][n]) for n in names) + " |")
+    for d in diverged.get(method, ()):
+      lines.append(f"| {method} | {d['label']} | {len(d['seeds'])} | diverged (seed "
+                   f"{', '.join(map(str, d['seeds']))}) | " + " | ".join("—" for _ in names) + " |")
   lines += ["", "## Ends of each grid", "",
             f"The rule (configs/tables/tradeoff.py): a grid runs from a value costing at most "
             f"{tradeoff.LOW_END_COST:g} float points to one costing at least "
             f"{tradeoff.HIGH_END_COST:g} (3-seed means).", "",
             "| method | values | lowest cost | highest cost | low end | high end |",
             "|---|---|---|---|---|---|"]
+  cost = lambda c: "—" if c is None else f"{c:+.2f}"
   for method, points in result["methods"].items():
-    e = ends(points)
-    lines.append(f"| {method} | {len(points)} | {e['lowest_cost']:+.2f} | "
-                 f"{e['highest_cost']:+.2f} | {'reached' if e['low_end'] else 'NOT reached'} | "
+    e = ends(points, diverged.get(method, ()))
+    lines.append(f"| {method} | {len(points) + len(diverged.get(method, ()))} | "
+                 f"{cost(e['lowest_cost'])} | "
+                 f"{'diverged' if e['diverged'] else cost(e['highest_cost'])} | "
+                 f"{'reached' if e['low_end'] else 'NOT reached'} | "
                  f"{'reached' if e['high_end'] else 'NOT reached'} |")
   lines += ["", "## Iso-float-cost table", "",
             "At each float-cost budget, each method's grid value with the best mean accuracy "
@@ -237,7 +276,8 @@ def write_curves(root: str, out: str, net: str) -> str:
   iso = iso_float_cost(result)
   os.makedirs(out, exist_ok=True)
   report.write_json_atomic(os.path.join(out, "curves.json"), {
-      "net": net, **result, "ends": {m: ends(p) for m, p in result["methods"].items()},
+      "net": net, **result,
+      "ends": {m: ends(p, result["diverged"].get(m, ())) for m, p in result["methods"].items()},
       "iso_float_cost": iso, "budgets": BUDGETS})
   text = markdown(result, iso, net)
   report.write_text_atomic(os.path.join(out, "curves.md"), text)

@@ -237,3 +237,38 @@ def test_curves_need_no_reg_runs(tmp_path):
             {(None, None): 0.9, (3, 3): 0.5, (2, 2): 0.1, (2, 8): 0.1})
   with pytest.raises(FileNotFoundError, match="No finished no-reg run"):
     curves.curves(str(tmp_path))
+
+
+def test_a_diverged_value_reaches_the_high_end_and_leaves_the_curve(tmp_path):
+  """A grid value that diverged on any seed is listed, not plotted or picked: its float cost is
+  unbounded, so it ends the grid (as configs/tables/tradeoff.py counts it in the tuning)."""
+  settings = [(None, None), (3, 3), (2, 2), (2, 8)]
+  accuracies = lambda f: {s: f if s == (None, None) else 0.5 for s in settings}
+  grid = [{"reg.bound_bits": b} for b in (8, 6, 4)]
+  for seed in (0, 1, 2):
+    write_run(tmp_path, f"no-reg/seed{seed}", {"method": "no-reg", "seed": seed}, {},
+              accuracies(0.92), accuracies(0.92))
+    write_run(tmp_path, f"bound/0/seed{seed}", {"method": "bound", "value": 0, "seed": seed},
+              grid[0], accuracies(0.919), accuracies(0.919))
+    for value in (1, 2):
+      name, labels = f"bound/{value}/seed{seed}", {"method": "bound", "value": value, "seed": seed}
+      if (value, seed) == (2, 0):  # finished on one seed, diverged on the others
+        write_run(tmp_path, name, labels, grid[value], accuracies(0.9), accuracies(0.9))
+        continue
+      run = tmp_path / name
+      run.mkdir(parents=True)
+      (run / "run.json").write_text(json.dumps({"name": name, "labels": labels,
+                                                "overrides": {**grid[value], "seed": seed}}))
+      (run / run_sweep.DIVERGED).write_text(json.dumps({"message": "Non-finite loss"}))
+  result = curves.curves(str(tmp_path))
+  assert [p["value"] for p in result["methods"]["bound"]] == [0]
+  assert [(d["label"], d["seeds"]) for d in result["diverged"]["bound"]] == [
+      ("b_ref=6", [0, 1, 2]), ("b_ref=4", [1, 2])]
+  e = curves.ends(result["methods"]["bound"], result["diverged"]["bound"])
+  assert e["high_end"] and e["diverged"] and e["low_end"]
+  assert not curves.ends(result["methods"]["bound"])["high_end"]
+  iso = curves.iso_float_cost(result)
+  assert {iso[n][str(b)]["bound"]["value"] for n in iso for b in curves.BUDGETS} == {0}
+  text = curves.write_curves(str(tmp_path), str(tmp_path / "out"), "toy")
+  assert "| bound | b_ref=6 | 3 | diverged (seed 0, 1, 2) |" in text
+  assert "| bound | 3 | +0.10 | diverged | reached | reached |" in text
