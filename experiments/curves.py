@@ -8,7 +8,8 @@ tradeoff writes both). Writes to --out:
 - curves.json: every grid value's per-seed accuracies at float and at each POINTS setting, its
   paired float cost and gains against no-reg's run of the same seed, and mean ± std;
 - curves.png: float accuracy (x) against each POINTS setting (y), one curve per method in ladder
-  order, error bars = std over seeds, no-reg as a star;
+  order, error bars = std over seeds, no-reg as a star; the lower row zooms on the float costs
+  the iso-float-cost table reads;
 - curves.md: the points, whether each method's grid reached both ends (configs/tables/
   tradeoff.py's LOW_END_COST and HIGH_END_COST, on the 3-seed mean float cost), and the
   iso-float-cost table: at each BUDGETS float cost, each method's best grid value at each
@@ -240,30 +241,40 @@ def markdown(result: dict, iso: dict, net: str) -> str:
   return "\n".join(lines)
 
 
+ZOOM_COST = 2.5  # the lower row's x range: float cost up to the largest budget and a margin
+
+
 def plot(result: dict, path: str, net: str) -> None:
+  """One column per POINTS setting: every grid value (upper row), and the float costs the
+  iso-float-cost table reads, up to ZOOM_COST points (lower row)."""
   names = result["points"]
-  fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+  fig, axes = plt.subplots(2, len(names) - 1, figsize=(5 * (len(names) - 1), 9.5))
   no_reg = result["no_reg"]["accuracy"]
-  for ax, name in zip(axes.ravel(), names[1:]):
-    for method, points in result["methods"].items():
-      ax.errorbar([p["accuracy"]["float"]["mean"] for p in points],
-                  [p["accuracy"][name]["mean"] for p in points],
-                  xerr=[p["accuracy"]["float"]["std"] for p in points],
-                  yerr=[p["accuracy"][name]["std"] for p in points],
-                  marker="o", markersize=4, capsize=2, label=method)
-      for p in points:
-        ax.annotate(p["label"], (p["accuracy"]["float"]["mean"], p["accuracy"][name]["mean"]),
-                    fontsize=6, xytext=(2, 2), textcoords="offset points")
-    ax.errorbar([no_reg["float"]["mean"]], [no_reg[name]["mean"]],
-                xerr=[no_reg["float"]["std"]], yerr=[no_reg[name]["std"]],
-                marker="*", markersize=12, color="black", linestyle="none", label="no-reg")
-    ax.set_xlabel("float test accuracy (%)")
-    ax.set_ylabel(f"{name} test accuracy (%)")
-    ax.set_title(name)
-    ax.grid(alpha=0.3)
+  zoom = (no_reg["float"]["mean"] - ZOOM_COST, no_reg["float"]["mean"] + 0.5)
+  for row, (title, xlim) in enumerate((("every grid value", None),
+                                       (f"float cost ≤ {ZOOM_COST:g} points", zoom))):
+    for ax, name in zip(axes[row], names[1:]):
+      for method, points in result["methods"].items():
+        ax.errorbar([p["accuracy"]["float"]["mean"] for p in points],
+                    [p["accuracy"][name]["mean"] for p in points],
+                    xerr=[p["accuracy"]["float"]["std"] for p in points],
+                    yerr=[p["accuracy"][name]["std"] for p in points],
+                    marker="o", markersize=4, capsize=2, label=method)
+        for p in points:
+          ax.annotate(p["label"], (p["accuracy"]["float"]["mean"], p["accuracy"][name]["mean"]),
+                      fontsize=6, xytext=(2, 2), textcoords="offset points", annotation_clip=True)
+      ax.errorbar([no_reg["float"]["mean"]], [no_reg[name]["mean"]],
+                  xerr=[no_reg["float"]["std"]], yerr=[no_reg[name]["std"]],
+                  marker="*", markersize=12, color="black", linestyle="none", label="no-reg")
+      if xlim is not None:
+        ax.set_xlim(*xlim)
+      ax.set_xlabel("float test accuracy (%)")
+      ax.set_ylabel(f"{name} test accuracy (%)")
+      ax.set_title(f"{name}: {title}", fontsize=10)
+      ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=8)
   fig.suptitle(f"{net}: float accuracy against low-bit accuracy, each method over its grid "
-               "(mean ± std over seeds)")
+               "(mean ± std over seeds; diverged values left out)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
