@@ -141,6 +141,13 @@ def share_run(source_dir: str, run_dir: str) -> None:
     os.symlink(os.path.abspath(source_dir), run_dir)
 
 
+def _duration(seconds: float) -> str:
+  if seconds < 90:
+    return f"{seconds:.0f} s"
+  minutes = round(seconds / 60)
+  return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
 def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
               choices: Mapping[str, dict] | None = None) -> Sweep:
   """Trains and sweeps every unfinished run of the sweep in root/<name>; returns the sweep."""
@@ -154,9 +161,14 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
   os.makedirs(root, exist_ok=True)
   report.write_json_atomic(os.path.join(root, "sweep.json"),
                            {"config": spec, "runs": names})
-  for run in sweep.runs:
-    if only and run["name"] not in only:
-      continue
+  selected = [run for run in sweep.runs if not only or run["name"] in only]
+  todo = [run["name"] for run in selected
+          if not is_finished(os.path.join(root, run["name"]))
+          and not diverged(os.path.join(root, run["name"]))]
+  if todo:
+    print(f"=== {root}: {len(todo)} of {len(selected)} runs to train ===", flush=True)
+  seconds = []  # of the runs trained here, for the estimate of what is left
+  for run in selected:
     run_dir = os.path.join(root, run["name"])
     if is_finished(run_dir):
       logging.info("Skipping %s: finished.", run["name"])
@@ -173,7 +185,10 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
         logging.info("%s starts from %s's checkpoint at epoch %d.", run["name"], source,
                      config.reg.start_epoch)
     start = time.time()
-    print(f"=== {run['name']} ===", flush=True)
+    left = len(todo) - len(seconds)
+    estimate = (f", about {_duration(left * sum(seconds) / len(seconds))} left" if seconds
+                else "")
+    print(f"=== {run['name']} ({len(seconds) + 1} of {len(todo)}{estimate}) ===", flush=True)
     try:
       main.train_and_evaluate(config, run_dir)
     except FloatingPointError as e:
@@ -182,9 +197,11 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
       # sweep goes on; tuning never chooses it and tables leave it out.
       report.write_json_atomic(os.path.join(run_dir, DIVERGED), {"message": str(e)})
       print(f"=== {run['name']} diverged: {e} ===", flush=True)
+      seconds.append(time.time() - start)
       jax.clear_caches()
       continue
-    print(f"=== {run['name']} done in {time.time() - start:.0f}s ===", flush=True)
+    seconds.append(time.time() - start)
+    print(f"=== {run['name']} done in {seconds[-1]:.0f}s ===", flush=True)
     # Each run compiles its own steps and sweep: without this, a long sweep's process grew until
     # LLVM could not allocate memory (once, after ~60 runs).
     jax.clear_caches()

@@ -2,6 +2,7 @@
 against hand-computed expectations and naive loops."""
 import json
 import os
+import re
 
 import chex
 import numpy as np
@@ -98,10 +99,14 @@ def tiny_sweep(tmp_path):
   return str(path), str(idx_dir)
 
 
-def test_sweep_runner_warm_start_skips_and_tables(tiny_sweep, tmp_path):
+def test_sweep_runner_warm_start_skips_and_tables(tiny_sweep, tmp_path, capsys):
   sweep_path, _ = tiny_sweep
   root = tmp_path / "runs"
   run_sweep.run_sweep(sweep_path, str(root))
+  # Progress: what is left to train, each run's place in it, and from the second on an estimate.
+  out = capsys.readouterr().out
+  assert f"=== {root}: 5 of 5 runs to train ===" in out and "=== base/seed0 (1 of 5) ===" in out
+  assert re.search(r"=== l1-scratch \(5 of 5, about \d+ s left\) ===", out)
 
   # The warm-started run equals the same run trained from scratch.
   final = lambda name: ocp.CheckpointManager(str(root / name / "checkpoints")).restore(16)
@@ -128,7 +133,9 @@ def test_sweep_runner_warm_start_skips_and_tables(tiny_sweep, tmp_path):
   path.write_text(path.read_text()[:50])
   assert not run_sweep.is_finished(str(root / "l1/seed1"))
   assert [m["seed"] for m in make_tables.collect(str(root))["l1"]] == [0]
+  capsys.readouterr()
   run_sweep.run_sweep(sweep_path, str(root), only=["l1/seed1"])
+  assert f"=== {root}: 1 of 1 runs to train ===" in capsys.readouterr().out
   assert json.loads(path.read_text())["rows"] == expected
   assert os.path.getmtime(root / "l1/seed0" / "results.json") == mtime
 
