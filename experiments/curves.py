@@ -63,6 +63,15 @@ def value_label(overrides: dict) -> str:
   return f"λa={overrides.get('reg.lambda_a', 0):g}"
 
 
+def _labels_and_overrides(run_dir: str) -> tuple[dict, dict]:
+  """A run's labels and its overrides without the seed (the grid value's own)."""
+  with open(os.path.join(run_dir, "run.json")) as f:
+    run = json.load(f)
+  overrides = dict(run["overrides"])
+  overrides.pop("seed", None)
+  return run["labels"], overrides
+
+
 def read_runs(root: str) -> dict:
   """(method, value) -> {"overrides", "per_seed": {seed: {point name: accuracy %}}}, for the
   runs whose results exist under both protocols; in the sweep's order."""
@@ -72,10 +81,7 @@ def read_runs(root: str) -> dict:
                for p, name in RESULTS_FILES.items()}
     if any(r is None for r in results.values()):
       continue
-    with open(os.path.join(run_dir, "run.json")) as f:
-      run = json.load(f)
-    labels, overrides = run["labels"], dict(run["overrides"])
-    overrides.pop("seed", None)
+    labels, overrides = _labels_and_overrides(run_dir)
     accuracies = {point_name(point): make_tables.accuracy(results[point[0]]["rows"], point[1])
                   for point in (FLOAT, *POINTS)}
     key = (labels["method"], labels.get("value"))
@@ -91,10 +97,7 @@ def read_diverged(root: str) -> dict:
   for run_dir in make_tables._run_dirs(root, run_sweep.DIVERGED):  # pylint: disable=protected-access
     if run_sweep.diverged(run_dir) is None:
       continue
-    with open(os.path.join(run_dir, "run.json")) as f:
-      run = json.load(f)
-    labels, overrides = run["labels"], dict(run["overrides"])
-    overrides.pop("seed", None)
+    labels, overrides = _labels_and_overrides(run_dir)
     entry = found.setdefault((labels["method"], labels.get("value")),
                              {"overrides": overrides, "seeds": []})
     entry["seeds"].append(labels["seed"])

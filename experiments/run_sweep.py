@@ -162,20 +162,20 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
   report.write_json_atomic(os.path.join(root, "sweep.json"),
                            {"config": spec, "runs": names})
   selected = [run for run in sweep.runs if not only or run["name"] in only]
-  todo = [run["name"] for run in selected
-          if not is_finished(os.path.join(root, run["name"]))
-          and not diverged(os.path.join(root, run["name"]))]
-  if todo:
-    print(f"=== {root}: {len(todo)} of {len(selected)} runs to train ===", flush=True)
-  seconds = []  # of the runs trained here, for the estimate of what is left
+  todo = []
   for run in selected:
     run_dir = os.path.join(root, run["name"])
     if is_finished(run_dir):
       logging.info("Skipping %s: finished.", run["name"])
-      continue
-    if diverged(run_dir):
+    elif diverged(run_dir):
       logging.info("Skipping %s: it diverged (%s).", run["name"], DIVERGED)
-      continue
+    else:
+      todo.append(run)
+  if todo:
+    print(f"=== {root}: {len(todo)} of {len(selected)} runs to train ===", flush=True)
+  seconds = []  # of the runs trained here, for the estimate of what is left
+  for run in todo:
+    run_dir = os.path.join(root, run["name"])
     config = sweep.config(run)
     os.makedirs(run_dir, exist_ok=True)
     report.write_json_atomic(os.path.join(run_dir, "run.json"), run)
