@@ -19,6 +19,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -253,13 +254,19 @@ def activation_ranges(samples: PyTree, bits: int, setup: QuantSetup) -> PyTree:
   return jax.tree.map(point_range, samples, is_leaf=_is_point)
 
 
-def _capture_layer(model, params: PyTree, images: jax.Array, path: tuple[str, ...]):
-  """(input, output) of the module at `path` in the float-activation folded model."""
-  captured = {}
+def _capture_layer(model, params: PyTree, images: jax.Array, path: tuple[str, ...],
+                   inputs: dict[tuple[str, ...], jax.Array] | None = None):
+  """(input, output) of the module at `path` in the float-activation folded model; each module
+  named in `inputs` (path -> array) is applied to its given input, not to what precedes it."""
+  captured, inputs = {}, inputs or {}
 
   def interceptor(next_fun, args, kwargs, context):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    if context.module.path in inputs:
+      args = (inputs[context.module.path], *args[1:])
     out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__" and context.module.path == path:
+    if context.module.path == path:
       captured["io"] = (args[0], out)
     return out
 
@@ -269,6 +276,40 @@ def _capture_layer(model, params: PyTree, images: jax.Array, path: tuple[str, ..
 
 
 _capture_layer_jit = jax.jit(_capture_layer, static_argnums=(0, 3))
+
+
+def _used_inputs(jaxpr) -> list[bool]:
+  """Which of a jaxpr's inputs its outputs depend on, dead code removed: an equation with an
+  effect or with any output used keeps all its inputs (inner jaxprs are not looked into, so
+  this may keep more than needed, never less)."""
+  live = {v for v in jaxpr.outvars if isinstance(v, jex.core.Var)}
+  for eqn in reversed(jaxpr.eqns):
+    if eqn.effects or any(v in live for v in eqn.outvars):
+      live.update(v for v in eqn.invars if isinstance(v, jex.core.Var))
+  return [v in live for v in jaxpr.invars]
+
+
+@functools.lru_cache(maxsize=8)
+def _layer_reads(model, image_shape: tuple[int, ...], layers: tuple[tuple[str, ...], ...]
+                 ) -> tuple[tuple[tuple[str, ...], ...], ...]:
+  """For each layer (in call order): the earlier layers whose inputs its output depends on when
+  every earlier layer is applied to a given input (_capture_layer's `inputs`): the inputs that
+  one forward per layer, to that layer, has to keep from the layers before it. Keeping more
+  than needed costs only memory: an earlier layer left without its given input computes it
+  from the layers before it, as in the whole model."""
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(images.shape),
+                                             train=False))["params"]
+  layer_inputs = {layer: jax.eval_shape(lambda p, x, layer=layer: _capture_layer(
+      model, p, x, layer)[0], shapes, images) for layer in layers}
+  reads = []
+  for i, layer in enumerate(layers):
+    given = {earlier: layer_inputs[earlier] for earlier in layers[:i]}
+    jaxpr = jax.make_jaxpr(lambda p, x, given, layer=layer: _capture_layer(
+        model, p, x, layer, given)[1])(shapes, images, given).jaxpr
+    used = _used_inputs(jaxpr)[len(jaxpr.invars) - len(given):]  # given's leaves come last
+    reads.append(tuple(earlier for earlier, read in zip(sorted(given), used) if read))
+  return tuple(reads)
 
 
 def _layer_module(model, params: PyTree, images: jax.Array, path: tuple[str, ...]):
@@ -365,29 +406,62 @@ class SweepEvaluator:
         times["adaround_seconds"] = time.time() - start
         done[bits] = qparams, times
     if self.setup.bias_correction:
-      seconds = dict.fromkeys(todo, 0.0)
-      corrected = {bits: {layer for layer, _ in layers[bits]} for bits in todo}
-      for path in self.kernel_order:  # each bit-width's layers in its own (call) order
-        layer = tuple(path.split("/")[:-1])
-        if not any(layer in corrected[bits] for bits in todo):
-          continue
+      self._correct_biases(folded_params, images, done,
+                           {bits: {layer for layer, _ in layers[bits]} for bits in todo})
+    return done
+
+  def _correct_biases(self, folded_params: PyTree, images: np.ndarray,
+                      done: dict[int, tuple[PyTree, dict[str, float]]],
+                      corrected: dict[int, set[tuple[str, ...]]]) -> None:
+    """Empirical bias correction of done's params (in place; for each bit-width, the layers in
+    `corrected`), layer by layer in call order, each layer's on the outputs of the model whose
+    earlier layers are already corrected. One pass per layer and model (the float model and
+    each bit-width's), to that layer only: the earlier layers it reads (_layer_reads) are
+    applied to their inputs kept from their own pass, with their corrected biases, so that a
+    layer costs its own forward, not its prefix's, and gives the same numbers."""
+    model = self._model.clone(folded=True)
+    order = tuple(tuple(path.split("/")[:-1]) for path in self.kernel_order)
+    reads = _layer_reads(model, tuple(images.shape[1:]), order)
+    last_read = {earlier: i for i, needed in enumerate(reads) for earlier in needed}
+    chunks = [images[i:i + self._batch_size] for i in range(0, len(images), self._batch_size)]
+    widths = list(corrected)
+    kept = {key: {} for key in ["float", *widths]}  # model -> layer -> its inputs, per chunk
+    seconds = dict.fromkeys(widths, 0.0)
+
+    def run(key: str | int, params: PyTree, i: int) -> jax.Array:
+      """Layer i's outputs in one model (key: "float" or its bit-width), keeping its inputs
+      where a later layer reads them and dropping what no later layer reads."""
+      outputs = []
+      for c, chunk in enumerate(chunks):
+        given = {earlier: kept[key][earlier][c] for earlier in reads[i]}
+        layer_in, layer_out = _capture_layer_jit(model, params, chunk, order[i], given)
+        if order[i] in last_read:
+          kept[key].setdefault(order[i], []).append(layer_in)
+        outputs.append(layer_out)
+      for earlier in reads[i]:
+        if last_read[earlier] == i:
+          del kept[key][earlier]
+      return jnp.concatenate(outputs)
+
+    for i, layer in enumerate(order):
+      correcting = [bits for bits in widths if layer in corrected[bits]]
+      if not correcting and layer not in last_read:
+        continue
+      start = time.time()
+      float_outputs = run("float", folded_params, i)
+      seconds[widths[0]] += time.time() - start  # the float model's passes: the first width's
+      for bits in widths:
         start = time.time()
-        float_outputs = self._layer_outputs(folded_params, images, layer, 1)
-        seconds[todo[0]] += time.time() - start
-        for bits in todo:
-          if layer not in corrected[bits]:
-            continue
-          start = time.time()
-          qparams, times = done[bits]
-          correction = rounding.bias_correction(float_outputs,
-                                                self._layer_outputs(qparams, images, layer, 1))
+        qparams, times = done[bits]
+        outputs = run(bits, qparams, i)
+        if bits in correcting:
+          correction = rounding.bias_correction(float_outputs, outputs)
           bias_path = layer + ("bias",)
           done[bits] = (quant.replace_leaf(qparams, bias_path,
-                                   quant.subtree(qparams, bias_path) - correction), times)
-          seconds[bits] += time.time() - start
-      for bits in todo:
-        done[bits][1]["bias_correction_seconds"] = seconds[bits]
-    return done
+                                           quant.subtree(qparams, bias_path) - correction), times)
+        seconds[bits] += time.time() - start
+    for bits in widths:
+      done[bits][1]["bias_correction_seconds"] = seconds[bits]
 
   def _adaround_layer(self, folded_params: PyTree, qparams: PyTree, images: np.ndarray,
                       layer: tuple[str, ...], bits: int) -> PyTree:

@@ -7,6 +7,7 @@ import pytest
 from qreg import config as config_lib
 from qreg import data, parallel, ptq, quant
 from qreg.models import BN_EPSILON, MobileNetV2, ResNet18, SmallCNN
+from qreg.models.layers import DepthwiseConv
 from tests.conftest import jit_init, SHORT_MOBILENETV2_STAGES
 from tests.fakes import fake_split
 
@@ -40,11 +41,12 @@ def test_kernel_call_order_and_first_last_rules():
       8, 3, 3, 3, 8]
 
 
-def layer_outputs(params, images):
+def layer_outputs(params, images, model=MODEL):
   """{layer path: output} of every conv/dense layer, by flax's capture_intermediates."""
-  _, state = MODEL.clone(folded=True).apply(
+  _, state = model.clone(folded=True).apply(
       {"params": params}, images, train=False,
-      capture_intermediates=lambda module, name: isinstance(module, (nn.Conv, nn.Dense)))
+      capture_intermediates=lambda module, name: isinstance(module, (nn.Conv, nn.Dense,
+                                                                    DepthwiseConv)))
   flat = jax.tree_util.tree_leaves_with_path(state["intermediates"])
   return {"/".join(quant.path_names(path)[:-2]): out for path, out in flat}
 
@@ -136,6 +138,61 @@ def _residual_pipeline_and_folded(model):
   variables = jit_init(model, (1, 28, 28, 1))
   stats = jax.tree.map(lambda v: v + 0.2, variables["batch_stats"])
   return pipeline, splits, quant.fold_batch_norm(variables["params"], stats, BN_EPSILON)
+
+
+def test_each_layers_pass_reads_the_earlier_layers_that_reach_it():
+  """The inputs a layer's bias-correction pass keeps from earlier layers: the layer before on a
+  plain stack; on a residual network, the block input's layers too, across the shortcut."""
+  layers = lambda model: tuple(tuple(path.split("/")[:-1])
+                               for path in ptq.kernel_call_order(model, (28, 28, 1)))
+  small = layers(MODEL)
+  assert ptq._layer_reads(MODEL.clone(folded=True), (28, 28, 1), small) == (
+      (), *((layer,) for layer in small[:-1]))
+  resnet = RESIDUAL_MODELS["resnet18"]
+  reads = dict(zip(layers(resnet), ptq._layer_reads(resnet.clone(folded=True), (28, 28, 1),
+                                                     layers(resnet))))
+  assert reads[("stage1_block1", "conv2", "conv")] == (("stage1_block1", "conv1", "conv"),)
+  # stage1's identity shortcut: the block's output is its conv2 plus the stem's output.
+  assert reads[("stage2_block1", "conv1", "conv")] == (("stage1_block1", "conv2", "conv"),
+                                                       ("stem", "conv"))
+  assert reads[("head",)] == (("stage4_block1", "conv2", "conv"),
+                              ("stage4_block1", "shortcut", "conv"))
+
+
+def test_bias_correction_equals_the_definition_run_on_the_whole_model():
+  """Each layer's correction, in call order, is the mean output shift of that layer in the whole
+  quantized model with every earlier layer already corrected (flax's capture_intermediates on
+  all calibration images at once, float64 means): what the sweep's one-layer passes on kept
+  inputs must give. MobileNetV2: depthwise layers, and shortcuts chained over several blocks."""
+  model = RESIDUAL_MODELS["mobilenetv2"]
+  pipeline, _, folded = _residual_pipeline_and_folded(model)
+  setup = ptq.QuantSetup(bias_correction=True, per_channel=True, num_calibration_batches=2)
+  ev = ptq.SweepEvaluator(model, pipeline, parallel.make_mesh(), setup, batch_size=16)
+  got = ev.quantized_weights_at(folded, [3, 5])
+  images = ev.calibration_images()
+  outputs = jax.jit(lambda params: layer_outputs(params, images, model))
+  float_out = outputs(folded)
+
+  def corrected(bits, propagate):
+    """Every layer's bias less its mean output shift, in call order, measured with the earlier
+    layers corrected (propagate) or all uncorrected."""
+    params = plain = setup.quantize_weights(folded, bits)
+    for path in ptq.kernel_call_order(model, (28, 28, 1)):
+      layer = tuple(path.split("/")[:-1])
+      out = outputs(params if propagate else plain)["/".join(layer)]
+      diff = np.asarray(out, np.float64) - np.asarray(float_out["/".join(layer)], np.float64)
+      bias = quant.subtree(params, layer + ("bias",))
+      shift = diff.mean(axis=tuple(range(diff.ndim - 1)))
+      params = quant.replace_leaf(params, layer + ("bias",), (bias - shift).astype(bias.dtype))
+    return params
+
+  for bits in (3, 5):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 got[bits][0], corrected(bits, propagate=True))
+    # The earlier corrections change the later ones by more than the tolerance.
+    far = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), got[bits][0],
+                       corrected(bits, propagate=False))
+    assert max(jax.tree.leaves(far)) > 1e-3, far
 
 
 @pytest.mark.parametrize("name,calibration", [("resnet18", "mse"), ("mobilenetv2", "percentile")])
