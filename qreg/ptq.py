@@ -9,6 +9,7 @@ fake-quantized at every tapped point.
 
 The sweep yields its rows as they are measured; callers print and write them.
 """
+import collections
 import copy
 import dataclasses
 import functools
@@ -296,15 +297,26 @@ def _layer_reads(model, image_shape: tuple[int, ...], layers: tuple[tuple[str, .
   every earlier layer is applied to a given input (_capture_layer's `inputs`): the inputs that
   one forward per layer, to that layer, has to keep from the layers before it. Keeping more
   than needed costs only memory: an earlier layer left without its given input computes it
-  from the layers before it, as in the whole model."""
+  from the layers before it, as in the whole model; a layer called more than once (shared
+  weights) is never given one."""
   images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(images.shape),
-                                             train=False))["params"]
+  calls = collections.Counter()
+
+  def count_calls(next_fun, args, kwargs, context):
+    if context.method_name == "__call__":
+      calls[context.module.path] += 1
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(count_calls):
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(images.shape),
+                                               train=False))["params"]
+  # A layer called more than once (shared weights) has no one input to keep: never given one.
+  single = [layer for layer in layers if calls[layer] == 1]
   layer_inputs = {layer: jax.eval_shape(lambda p, x, layer=layer: _capture_layer(
-      model, p, x, layer)[0], shapes, images) for layer in layers}
+      model, p, x, layer)[0], shapes, images) for layer in single}
   reads = []
   for i, layer in enumerate(layers):
-    given = {earlier: layer_inputs[earlier] for earlier in layers[:i]}
+    given = {earlier: layer_inputs[earlier] for earlier in layers[:i] if earlier in single}
     jaxpr = jax.make_jaxpr(lambda p, x, given, layer=layer: _capture_layer(
         model, p, x, layer, given)[1])(shapes, images, given).jaxpr
     used = _used_inputs(jaxpr)[len(jaxpr.invars) - len(given):]  # given's leaves come last

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qreg import config as config_lib
-from qreg import data, parallel, ptq, quant
+from qreg import data, parallel, ptq, quant, rounding
 from qreg.models import BN_EPSILON, MobileNetV2, ResNet18, SmallCNN
 from qreg.models.layers import DepthwiseConv
 from tests.conftest import jit_init, SHORT_MOBILENETV2_STAGES
@@ -193,6 +193,44 @@ def test_bias_correction_equals_the_definition_run_on_the_whole_model():
     far = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), got[bits][0],
                        corrected(bits, propagate=False))
     assert max(jax.tree.leaves(far)) > 1e-3, far
+
+
+class _SharedLayerNet(nn.Module):
+  """A dense layer applied twice (shared weights) between two others."""
+  folded: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    shared = nn.Dense(8, name="shared")
+    x = nn.relu(nn.Dense(8, name="first")(x.reshape((x.shape[0], -1))))
+    x = nn.relu(shared(nn.relu(shared(x))))
+    return nn.Dense(10, name="head")(x)
+
+
+def test_a_layer_called_twice_is_corrected_from_the_whole_prefix():
+  """A shared layer has no one input to keep: its passes and the later ones run it from the
+  layers before it, and the corrections equal the whole-prefix passes, layer by layer."""
+  model = _SharedLayerNet()
+  order = tuple(tuple(p.split("/")[:-1]) for p in ptq.kernel_call_order(model, (28, 28, 1)))
+  assert order == (("first",), ("shared",), ("head",))
+  assert ptq._layer_reads(model.clone(folded=True), (28, 28, 1), order) == (
+      (), (("first",),), (("first",),))
+  pipeline, _, _ = _residual_pipeline_and_folded(RESIDUAL_MODELS["resnet18"])
+  params = jit_init(model, (1, 28, 28, 1))["params"]
+  setup = ptq.QuantSetup(bias_correction=True, num_calibration_batches=2)
+  ev = ptq.SweepEvaluator(model, pipeline, parallel.make_mesh(), setup, batch_size=16)
+  got, _ = ev.quantized_weights(params, 3)
+  images, folded_model = ev.calibration_images(), model.clone(folded=True)
+  outputs = lambda p, layer: np.concatenate([
+      ptq._capture_layer_jit(folded_model, p, images[i:i + 16], layer)[1]
+      for i in range(0, len(images), 16)])
+  expected = setup.quantize_weights(params, 3)
+  for layer in order:
+    shift = rounding.bias_correction(outputs(params, layer), outputs(expected, layer))
+    expected = quant.replace_leaf(expected, layer + ("bias",),
+                                  quant.subtree(expected, layer + ("bias",)) - shift)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               got, expected)
 
 
 @pytest.mark.parametrize("name,calibration", [("resnet18", "mse"), ("mobilenetv2", "percentile")])
