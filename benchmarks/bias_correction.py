@@ -22,6 +22,7 @@ from absl import app, flags
 from configs import fashion_mnist_mobilenetv2, fashion_mnist_resnet18, fashion_mnist_vgg
 from configs.tables import protocols
 from qreg import checkpoint, cli, data, models, parallel, ptq, report
+from qreg import config as config_lib
 
 CONFIGS = {"vgg": fashion_mnist_vgg, "resnet18": fashion_mnist_resnet18,
            "mobilenetv2": fashion_mnist_mobilenetv2}
@@ -43,9 +44,7 @@ def digest(tree) -> str:
 
 
 def correct(config, variables, model, widths) -> dict:
-  for key, value in protocols.STRONG.items():
-    section, name = key.split(".")
-    config[section][name] = value
+  config = config_lib.with_overrides(config, protocols.STRONG)
   pipeline = data.build_input_pipeline(config.data)
   setup = ptq.sweep_setup(config, model, pipeline.info.image_shape)
   folded = ptq.fold(variables["params"], variables["batch_stats"])

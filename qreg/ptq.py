@@ -300,20 +300,19 @@ def _layer_reads(model, image_shape: tuple[int, ...], layers: tuple[tuple[str, .
   from the layers before it, as in the whole model; a layer called more than once (shared
   weights) is never given one."""
   images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  calls = collections.Counter()
+  calls, layer_inputs = collections.Counter(), {}
 
-  def count_calls(next_fun, args, kwargs, context):
+  def record_calls(next_fun, args, kwargs, context):
     if context.method_name == "__call__":
       calls[context.module.path] += 1
+      layer_inputs[context.module.path] = jax.ShapeDtypeStruct(args[0].shape, args[0].dtype)
     return next_fun(*args, **kwargs)
 
-  with nn.intercept_methods(count_calls):
+  with nn.intercept_methods(record_calls):
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(images.shape),
                                                train=False))["params"]
   # A layer called more than once (shared weights) has no one input to keep: never given one.
-  single = [layer for layer in layers if calls[layer] == 1]
-  layer_inputs = {layer: jax.eval_shape(lambda p, x, layer=layer: _capture_layer(
-      model, p, x, layer)[0], shapes, images) for layer in single}
+  single = {layer for layer in layers if calls[layer] == 1}
   reads = []
   for i, layer in enumerate(layers):
     given = {earlier: layer_inputs[earlier] for earlier in layers[:i] if earlier in single}
@@ -380,12 +379,12 @@ class SweepEvaluator:
     """The calibration batches' images, the same global set on every process."""
     return np.concatenate([images for images, _, _ in self.calibration_batches()])
 
-  def _layer_outputs(self, params: PyTree, images: np.ndarray, path: tuple[str, ...],
-                     want: int) -> jax.Array:
-    """The layer's input (want=0) or output (want=1) on images, in chunks of the eval batch."""
+  def _layer_inputs(self, params: PyTree, images: np.ndarray, path: tuple[str, ...]
+                    ) -> jax.Array:
+    """The layer's input on images, in chunks of the eval batch."""
     model = self._model.clone(folded=True)
     return jnp.concatenate([
-        _capture_layer_jit(model, params, images[i:i + self._batch_size], path)[want]
+        _capture_layer_jit(model, params, images[i:i + self._batch_size], path)[0]
         for i in range(0, len(images), self._batch_size)])
 
   def quantized_weights(self, folded_params: PyTree, bits: int | None
@@ -442,7 +441,7 @@ class SweepEvaluator:
 
     def run(key: str | int, params: PyTree, i: int) -> jax.Array:
       """Layer i's outputs in one model (key: "float" or its bit-width), keeping its inputs
-      where a later layer reads them and dropping what no later layer reads."""
+      where a later layer reads them."""
       outputs = []
       for c, chunk in enumerate(chunks):
         given = {earlier: kept[key][earlier][c] for earlier in reads[i]}
@@ -450,19 +449,16 @@ class SweepEvaluator:
         if order[i] in last_read:
           kept[key].setdefault(order[i], []).append(layer_in)
         outputs.append(layer_out)
-      for earlier in reads[i]:
-        if last_read[earlier] == i:
-          del kept[key][earlier]
       return jnp.concatenate(outputs)
 
     for i, layer in enumerate(order):
       correcting = [bits for bits in widths if layer in corrected[bits]]
-      if not correcting and layer not in last_read:
-        continue
-      start = time.time()
-      float_outputs = run("float", folded_params, i)
-      seconds[widths[0]] += time.time() - start  # the float model's passes: the first width's
-      for bits in widths:
+      passes = widths if layer in last_read else correcting  # each corrects or keeps inputs
+      if passes:
+        start = time.time()
+        float_outputs = run("float", folded_params, i)
+        seconds[widths[0]] += time.time() - start  # the float model's passes: the first width's
+      for bits in passes:
         start = time.time()
         qparams, times = done[bits]
         outputs = run(bits, qparams, i)
@@ -472,6 +468,10 @@ class SweepEvaluator:
           done[bits] = (quant.replace_leaf(qparams, bias_path,
                                            quant.subtree(qparams, bias_path) - correction), times)
         seconds[bits] += time.time() - start
+      for earlier in reads[i]:  # what no later layer reads
+        if last_read[earlier] == i:
+          for inputs in kept.values():
+            del inputs[earlier]
     for bits in widths:
       done[bits][1]["bias_correction_seconds"] = seconds[bits]
 
@@ -480,7 +480,7 @@ class SweepEvaluator:
     """qparams with the layer's kernel rounded by AdaRound, on its inputs in the model whose
     earlier layers are already quantized (float activations)."""
     images = images[:self.setup.adaround_examples]
-    inputs = self._layer_outputs(qparams, images, layer, 0)
+    inputs = self._layer_inputs(qparams, images, layer)
     module = _layer_module(self._model.clone(folded=True), folded_params, images, layer)
     layer_params = quant.subtree(folded_params, layer)
     apply_layer = lambda kernel, x: module.apply({"params": {**layer_params, "kernel": kernel}}, x)

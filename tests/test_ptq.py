@@ -140,11 +140,14 @@ def _residual_pipeline_and_folded(model):
   return pipeline, splits, quant.fold_batch_norm(variables["params"], stats, BN_EPSILON)
 
 
+def layers(model):
+  """The model's kernel layers (module paths) in call order."""
+  return tuple(tuple(path.split("/")[:-1]) for path in ptq.kernel_call_order(model, (28, 28, 1)))
+
+
 def test_each_layers_pass_reads_the_earlier_layers_that_reach_it():
   """The inputs a layer's bias-correction pass keeps from earlier layers: the layer before on a
   plain stack; on a residual network, the block input's layers too, across the shortcut."""
-  layers = lambda model: tuple(tuple(path.split("/")[:-1])
-                               for path in ptq.kernel_call_order(model, (28, 28, 1)))
   small = layers(MODEL)
   assert ptq._layer_reads(MODEL.clone(folded=True), (28, 28, 1), small) == (
       (), *((layer,) for layer in small[:-1]))
@@ -177,8 +180,7 @@ def test_bias_correction_equals_the_definition_run_on_the_whole_model():
     """Every layer's bias less its mean output shift, in call order, measured with the earlier
     layers corrected (propagate) or all uncorrected."""
     params = plain = setup.quantize_weights(folded, bits)
-    for path in ptq.kernel_call_order(model, (28, 28, 1)):
-      layer = tuple(path.split("/")[:-1])
+    for layer in layers(model):
       out = outputs(params if propagate else plain)["/".join(layer)]
       diff = np.asarray(out, np.float64) - np.asarray(float_out["/".join(layer)], np.float64)
       bias = quant.subtree(params, layer + ("bias",))
@@ -211,7 +213,7 @@ def test_a_layer_called_twice_is_corrected_from_the_whole_prefix():
   """A shared layer has no one input to keep: its passes and the later ones run it from the
   layers before it, and the corrections equal the whole-prefix passes, layer by layer."""
   model = _SharedLayerNet()
-  order = tuple(tuple(p.split("/")[:-1]) for p in ptq.kernel_call_order(model, (28, 28, 1)))
+  order = layers(model)
   assert order == (("first",), ("shared",), ("head",))
   assert ptq._layer_reads(model.clone(folded=True), (28, 28, 1), order) == (
       (), (("first",),), (("first",),))
