@@ -12,7 +12,8 @@ from experiments import curves, run_sweep, study
 from tests.test_experiments import RESULTS, table, validated
 
 TUNING_RESULTS = {"small_cnn": "fashion_mnist_tuning", "vgg": "vgg/tuning"}
-BOUND_TUNING_RESULTS = {"small_cnn": "fashion_mnist_tuned/bound/tuning"}
+BOUND_TUNING_RESULTS = {"small_cnn": "fashion_mnist_tuned/bound/tuning",
+                        "vgg": "vgg/bound/tuning"}
 BOUND_FORMS = ("bound", "bound-diff", "layer-bound")
 DESCENDING = ("ste-qat", "multibit-qat", *BOUND_FORMS)  # bit-width ladders: stronger when fewer
 

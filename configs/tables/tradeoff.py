@@ -48,6 +48,8 @@ def ste_grid(widths) -> list[dict]:
 # VGG-like (no-reg 93.10): l1 0.003 -> 0.38 (+0.001 below), 0.03 -> 6.72; l2 0.5 -> 0.30
 #   (+0.16 below), 5 -> 4.00; KURE 0.1 -> -0.04, 3 -> 0.04 (+10, +30); STE-QAT 6 -> 0.12,
 #   3 -> 12.96.
+#   bound forms (vgg/bound/tuning): bound 12 -> 0.14, 8 -> 12.86; bound-diff 12 -> -0.02,
+#   8 -> 15.70; layer-bound 12 -> 0.16, 8 -> 1.96, 6 -> 14.98.
 def _grids(l1_lambdas, l2_lambdas) -> dict[str, list[dict]]:
   """A network's grids: its own l1 and l2 ends; KURE, STE-QAT and multi-bit QAT alike on both."""
   return {
@@ -60,11 +62,14 @@ def _grids(l1_lambdas, l2_lambdas) -> dict[str, list[dict]]:
 
 
 GRIDS = {
-    # The bound forms: added with issue 23 before any of their trade-off runs; their 8-bit runs
-    # are the bound table's (experiments/results/fashion_mnist_tuned/bound), linked in.
+    # The bound forms: added with issue 23 before any of their trade-off runs; the runs at the
+    # bound table's choices are that table's (experiments/results/<net>/bound), linked in.
     "small_cnn": {**_grids((0.003, 0.01, 0.03, 0.1), (0.5, 1.6, 5.0, 16.0)),
                   **tuning.BOUND_GRIDS},
-    "vgg": _grids((0.001, 0.003, 0.01, 0.03), (0.16, 0.5, 1.6, 5.0)),
+    "vgg": {**_grids((0.001, 0.003, 0.01, 0.03), (0.16, 0.5, 1.6, 5.0)),
+            "bound": tuning.BOUND_GRIDS["bound"][:3],
+            "bound-diff": tuning.BOUND_GRIDS["bound-diff"][:3],
+            "layer-bound": tuning.BOUND_GRIDS["layer-bound"]},
 }
 # Values added by the after-test rule, {net: {method: [overrides, ...]}}, each written before its
 # runs. SmallCNN (experiments/results/fashion_mnist_tuned/tradeoff/curves.md): KURE's largest
