@@ -281,9 +281,13 @@ def test_table1_regenerates_byte_identical(tmp_path, monkeypatch):
   monkeypatch.setattr(table1, "RESULTS", str(tmp_path))
   for network in table1.NETWORKS:
     for protocol in table1.PROTOCOLS:
-      (tmp_path / network / protocol).mkdir(parents=True)
-      (tmp_path / network / protocol / "per_seed.json").write_bytes(
-          open(os.path.join(RESULTS, network, protocol, "per_seed.json"), "rb").read())
+      # The table's own runs and the supplements that join it (multi-bit QAT, bound forms, ...).
+      for folder in [(protocol,)] + [(s, protocol) for s in table1.SUPPLEMENTS]:
+        source = os.path.join(RESULTS, network, *folder, "per_seed.json")
+        if os.path.exists(source):
+          (tmp_path / network).joinpath(*folder).mkdir(parents=True)
+          (tmp_path / network).joinpath(*folder, "per_seed.json").write_bytes(
+              open(source, "rb").read())
   table1.write_table1()
   for name in ("table1.md", "table1.json"):
     assert (tmp_path / name).read_bytes() == open(os.path.join(RESULTS, name), "rb").read()
