@@ -36,7 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
-from experiments import make_tables, run_sweep  # pylint: disable=g-import-not-at-top
+from experiments import archive, make_tables, run_sweep  # pylint: disable=g-import-not-at-top
 from qreg import bound, checkpoint, cli, data, objectives, ptq, report  # pylint: disable=g-import-not-at-top
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
@@ -133,6 +133,7 @@ def read_or_measure(roots: list[str], num_batches: int) -> dict:
         print(f"=== {method}/{name}: bound tightness ===", flush=True)
         found = run_tightness(run_dir, num_batches)
         report.write_json_atomic(path, found)
+        archive.save(run_dir)
         jax.clear_caches()
       runs.setdefault(method, {})[int(name[4:])] = found
   if not runs:

@@ -17,7 +17,7 @@ import jax
 from absl import flags
 
 from configs.tables import protocols
-from experiments import run_sweep
+from experiments import archive, run_sweep
 from qreg import checkpoint, cli, data, parallel, ptq, report
 from qreg import config as config_lib
 from qreg.quant import setting_name
@@ -55,10 +55,16 @@ def reevaluate_sweep(root: str, protocol: str) -> None:
     if ("run.json" not in files or not run_sweep.is_finished(dirpath)
         or run_sweep.is_finished(dirpath, name)):
       continue
+    if not os.path.isdir(os.path.join(dirpath, "checkpoints")):
+      raise FileNotFoundError(
+          f"{dirpath} has no checkpoint to re-sweep under {protocol} (a run restored from "
+          f"experiments.archive without it): remove the run from the workdir and the archive to "
+          f"retrain it.")
     print(f"=== {os.path.relpath(dirpath, root)}: {protocol} ===", flush=True)
     results = protocol_results(dirpath, protocols.PROTOCOLS[protocol],
                                protocols.PROTOCOL_BIT_SETTINGS.get(protocol))
     report.write_json_atomic(os.path.join(dirpath, name), results)
+    archive.save(dirpath)
     jax.clear_caches()  # as run_sweep does after each run
 
 

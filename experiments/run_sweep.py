@@ -24,13 +24,14 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 from absl import flags, logging
 
+from experiments import archive
 from qreg import cli, data, main, report
 from qreg import config as config_lib
 
@@ -105,14 +106,24 @@ def warm_start(config, source_config, source_dir: str, run_dir: str) -> bool:
                      f"more than the method fields {', '.join(_METHOD_FIELDS)}.")
   if config.reg.start_epoch != source_config.reg.start_epoch:
     raise ValueError(f"Cannot warm-start {run_dir} from {source_dir}: reg.start_epoch differs.")
-  steps_per_epoch = data.build_input_pipeline(config.data).steps_per_epoch(config.data.batch_size)
-  step_dir = os.path.join(source_dir, "checkpoints", str(config.reg.start_epoch * steps_per_epoch))
-  if config.reg.start_epoch == 0 or not os.path.isdir(step_dir):
+  if config.reg.start_epoch == 0:
+    return False
+  step_dir = start_checkpoint(config, source_dir)
+  found = step_dir if os.path.isdir(step_dir) else archive.archived_checkpoint(step_dir)
+  if found is None:
     return False
   target = os.path.join(run_dir, "checkpoints", os.path.basename(step_dir))
   if not os.path.exists(target):
-    shutil.copytree(step_dir, target)
+    shutil.copytree(found, target)
+  if found == step_dir:
+    archive.save_checkpoint(step_dir)  # where its run was trained before archiving was on
   return True
+
+
+def start_checkpoint(config, source_dir: str) -> str:
+  """Where source_dir's checkpoint at config.reg.start_epoch is (or would be)."""
+  steps_per_epoch = data.build_input_pipeline(config.data).steps_per_epoch(config.data.batch_size)
+  return os.path.join(source_dir, "checkpoints", str(config.reg.start_epoch * steps_per_epoch))
 
 
 def is_finished(run_dir: str, results_name: str = "results.json") -> bool:
@@ -149,8 +160,11 @@ def _duration(seconds: float) -> str:
 
 
 def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
-              choices: Mapping[str, dict] | None = None) -> Sweep:
-  """Trains and sweeps every unfinished run of the sweep in root/<name>; returns the sweep."""
+              choices: Mapping[str, dict] | None = None,
+              after_run: Callable[[str], None] | None = None) -> Sweep:
+  """Trains and sweeps every unfinished run of the sweep in root/<name>; returns the sweep.
+  after_run(run_dir) follows each run trained here (e.g. its re-sweeps), before the run is
+  archived (experiments.archive)."""
   sweep = load_sweep(spec, choices)
   names = [run["name"] for run in sweep.runs]
   unknown = sorted(set(only or ()) - set(names))
@@ -196,10 +210,20 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
       # recorded as diverged (training is deterministic, so it would diverge again) and the
       # sweep goes on; tuning never chooses it and tables leave it out.
       report.write_json_atomic(os.path.join(run_dir, DIVERGED), {"message": str(e)})
+      archive.save(run_dir)
       print(f"=== {run['name']} diverged: {e} ===", flush=True)
       seconds.append(time.time() - start)
       jax.clear_caches()
       continue
+    if after_run is not None:
+      after_run(run_dir)
+    archive.save(run_dir)
+    # The checkpoint the sweep's other runs warm-start from, archived with its run.
+    dependent = next((r for r in sweep.runs if r.get("warm_start") == run["name"]), None)
+    if archive.enabled() and dependent and sweep.config(dependent).reg.start_epoch:
+      step_dir = start_checkpoint(sweep.config(dependent), run_dir)
+      if os.path.isdir(step_dir):
+        archive.save_checkpoint(step_dir)
     seconds.append(time.time() - start)
     print(f"=== {run['name']} done in {seconds[-1]:.0f}s ===", flush=True)
     # Each run compiles its own steps and sweep: without this, a long sweep's process grew until

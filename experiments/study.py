@@ -1,7 +1,7 @@
 """qreg's studies, each a sequence of resumable steps: train, tune, re-sweep, tabulate.
 
     python -m experiments.study <study> [--net=<network>] [--workdir=workdirs/studies]
-                                [--tuning=run|committed]
+                                [--tuning=run|committed] [--archive=experiments/runs]
 
 | study              | steps                                                                 |
 |--------------------|-----------------------------------------------------------------------|
@@ -47,7 +47,7 @@ from absl import flags, logging
 
 from configs.tables import ablations as ablations_config
 from configs.tables import tuned
-from experiments import bound_tightness, bound_transfer
+from experiments import archive, bound_tightness, bound_transfer
 from experiments import cle_ladder as cle_report
 from experiments import curves, drift, make_tables, reevaluate, run_sweep, table1, tune
 from experiments import mixed_precision as mixed_report
@@ -344,12 +344,14 @@ def share_runs(source_root: str, names: dict[str, str], sweep_root: str) -> None
 
 def tradeoff_runs(workdir: str, net: str) -> str:
   """The trade-off grids' runs, both protocols; returns their root. The tuned table's no-reg
-  runs are trained where they are gone, and its runs at a grid value are linked in."""
+  runs are trained where they are gone, and its runs at a grid value are linked in. Each run is
+  re-swept under the strong protocol as soon as it is trained (and then archived)."""
   _network(net)
   root = os.path.join(workdir, net)
   spec, curves_root = _table("tradeoff", f"net={net}"), os.path.join(root, "tradeoff")
   share_tuned_runs(root, net, run_sweep.load_sweep(spec), curves_root)
-  run_sweep.run_sweep(spec, curves_root)
+  run_sweep.run_sweep(spec, curves_root,
+                      after_run=lambda run_dir: reevaluate.reevaluate_sweep(run_dir, "strong"))
   reevaluate.reevaluate_sweep(curves_root, "strong")
   return curves_root
 
@@ -441,10 +443,12 @@ TUNING_SOURCES = ("run", "committed")
 _tuning_source = "run"
 
 
-def run_study(name: str, workdir: str, net: str = "small_cnn", tuning: str = "run") -> None:
+def run_study(name: str, workdir: str, net: str = "small_cnn", tuning: str = "run",
+              archive_dir: str | None = None) -> None:
   """Runs a study. tuning='committed' takes each network's tuned choices from its committed
   choices.json instead of training its tuning: a table whose workdir is gone is retrained at
-  about half the cost, at the choices its validation tuning made when it ran."""
+  about half the cost, at the choices its validation tuning made when it ran. archive_dir:
+  experiments.archive's root (restored into the workdir first; each run archived as it ends)."""
   global _tuning_source
   if name not in STUDIES:
     raise ValueError(f"unknown study {name!r}: expected one of {', '.join(STUDIES)}.")
@@ -452,10 +456,17 @@ def run_study(name: str, workdir: str, net: str = "small_cnn", tuning: str = "ru
     raise ValueError(f"--tuning={tuning}: expected one of {', '.join(TUNING_SOURCES)}.")
   logging.info("Study %s (net %s, tuning %s) in %s.", name, net, tuning, os.path.abspath(workdir))
   _tuning_source = tuning
+  archive.configure(workdir, archive_dir)
   try:
+    if archive_dir:
+      os.makedirs(workdir, exist_ok=True)
+      restored, archived = archive.sync(net)
+      logging.info("Archive %s: %d runs restored into the workdir, %d archived.", archive_dir,
+                   restored, archived)
     STUDIES[name](os.path.abspath(workdir), net)
   finally:
     _tuning_source = "run"
+    archive.configure(None, None)
 
 
 def _main(argv) -> None:
@@ -463,7 +474,7 @@ def _main(argv) -> None:
     raise ValueError(f"name one study: python -m experiments.study <study>, with <study> one of "
                      f"{', '.join(STUDIES)}.")
   cli.configure_logging()
-  run_study(argv[1], _WORKDIR.value, _NET.value, _TUNING.value)
+  run_study(argv[1], _WORKDIR.value, _NET.value, _TUNING.value, _ARCHIVE.value or None)
 
 
 if __name__ == "__main__":
@@ -473,4 +484,7 @@ if __name__ == "__main__":
       "tuning", "run", "Where the tuned choices come from: 'run' (train the validation tuning, "
       "what is unfinished of it, and choose) or 'committed' (the choices.json it wrote when it "
       "ran, under experiments/results; nothing of the tuning is trained).")
+  _ARCHIVE = flags.DEFINE_string(
+      "archive", "", "Keep each finished run's records (and warm-start checkpoints) under this "
+      "folder, e.g. experiments/runs, and restore them into a fresh workdir (experiments.archive).")
   cli.run(_main, positional_args=1)

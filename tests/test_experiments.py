@@ -13,7 +13,7 @@ import pytest
 
 from configs.tables import lazy, paper, tuning
 from experiments import bound_tightness, bound_transfer, cle_ladder, folded_ranges, make_tables, mixed_precision
-from experiments import reevaluate
+from experiments import archive, reevaluate
 from experiments import run_sweep, study, table1
 from experiments import tune
 from qreg import config as config_lib
@@ -155,6 +155,46 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tiny_sweep, tmp_path)
   mtime = os.path.getmtime(root / "blows-up" / run_sweep.DIVERGED)
   run_sweep.run_sweep(str(path), str(root))  # skipped, not retrained
   assert os.path.getmtime(root / "blows-up" / run_sweep.DIVERGED) == mtime
+
+
+def test_archive_resumes_a_sweep_in_a_fresh_workdir(tiny_sweep, tmp_path, capsys):
+  """A session trains base/seed0 with archiving on, and its workdir is lost. The next one, in an
+  empty workdir, gets base/seed0's records back (not retrained), warm-starts l1/seed0 from the
+  archived checkpoint (same weights as training from scratch), and cannot re-sweep the restored
+  run on weights it no longer has."""
+  sweep_path, _ = tiny_sweep
+  archived = tmp_path / "archive"
+  try:
+    archive.configure(str(tmp_path / "lost"), str(archived))
+    run_sweep.run_sweep(sweep_path, str(tmp_path / "lost" / "runs"), only=["base/seed0"])
+    first = (tmp_path / "lost" / "runs" / "base/seed0" / "results.json").read_bytes()
+    kept = archived / "runs" / "base/seed0"
+    assert sorted(p.name for p in kept.iterdir()) == [
+        "archive.json", "checkpoints", "config.json", "results.json", "run.json"]
+    assert [p.name for p in (kept / "checkpoints").iterdir()] == ["8"]  # epoch 1 of 2: 8 steps
+    provenance = json.loads((kept / "archive.json").read_text())
+    assert set(provenance) == {"checkpoints/8", "config.json", "results.json", "run.json"}
+    assert provenance["results.json"]["backend"] == "cpu"
+
+    workdir = tmp_path / "fresh"
+    archive.configure(str(workdir), str(archived))
+    assert archive.sync("") == (1, 0)
+    assert archive.sync("") == (0, 0)  # nothing left to restore, nothing new to archive
+    assert not (workdir / "runs" / "base/seed0" / "checkpoints").exists()
+    capsys.readouterr()
+    run_sweep.run_sweep(sweep_path, str(workdir / "runs"), only=["base/seed0", "l1/seed0",
+                                                                  "l1-scratch"])
+    assert f"=== {workdir / 'runs'}: 2 of 3 runs to train ===" in capsys.readouterr().out
+    assert (workdir / "runs" / "base/seed0" / "results.json").read_bytes() == first
+    final = lambda name: ocp.CheckpointManager(
+        str(workdir / "runs" / name / "checkpoints")).restore(16)
+    chex.assert_trees_all_equal(final("l1/seed0")["params"], final("l1-scratch")["params"])
+    assert (archived / "runs" / "l1/seed0" / "results.json").read_bytes() == (
+        workdir / "runs" / "l1/seed0" / "results.json").read_bytes()
+    with pytest.raises(FileNotFoundError, match="no checkpoint to re-sweep"):
+      reevaluate.reevaluate_sweep(str(workdir / "runs" / "base"), "strong")
+  finally:
+    archive.configure(None, None)
 
 
 def test_sweep_runner_rejects_bad_sweeps(tiny_sweep, tmp_path):
