@@ -40,8 +40,10 @@ rewritten from the runs. Tuned choices pass from the tuning step to the table sw
 no config reads a results file.
 """
 import dataclasses
+import json
 import os
 import shutil
+from collections.abc import Callable
 
 from absl import flags, logging
 
@@ -125,12 +127,30 @@ def share_no_reg_runs(net_root: str, target: str, tuning: bool) -> None:
 
 # Studies.
 
-def network_table(workdir: str, net: str) -> None:
+def resweeps(protocols: dict[str, tuple[str, ...] | None]) -> Callable[[str], None]:
+  """run_sweep's after_run: a run just trained is re-swept under each protocol (where methods
+  are given, only a run of one of them, by its labels), so that it is archived whole
+  (experiments.archive)."""
+  def after_run(run_dir: str) -> None:
+    with open(os.path.join(run_dir, "run.json")) as f:
+      method = json.load(f).get("labels", {}).get("method")
+    for protocol, methods in protocols.items():
+      if methods is None or method in methods:
+        reevaluate.reevaluate_sweep(run_dir, protocol)
+  return after_run
+
+
+STRONG = resweeps({"strong": None})
+
+
+def network_table(workdir: str, net: str,
+                  protocols: dict[str, tuple[str, ...] | None] | None = None) -> None:
+  """The tuned table; each run re-swept under the strong protocol (and `protocols`) as it ends."""
   network, root = _network(net), os.path.join(workdir, net)
   choices = tuned_choices(_table("tuning", f"net={net}"), os.path.join(root, "tuning"),
                           os.path.join(RESULTS, network.tuning))
   run_sweep.run_sweep(_table("tuned", f"net={net}"), os.path.join(root, "tuned"),
-                      choices=choices)
+                      choices=choices, after_run=resweeps({"strong": None, **(protocols or {})}))
   both_protocols(os.path.join(root, "tuned"), os.path.join(RESULTS, network.tables))
   if net in table1.NETWORKS:
     print(table1.write_table1(), flush=True)
@@ -183,7 +203,8 @@ def bound_penalty(workdir: str, net: str) -> None:
         RESULTS, NETWORKS["small_cnn"].tables, "bound", "tuning", "choices.json"))
     sweep = run_sweep.load_sweep(_table("tuned", f"net={net}"), choices)
     share_tuned_runs(root, net, sweep, os.path.join(root, "bound_transfer"))
-    run_sweep.run_sweep(sweep.spec, os.path.join(root, "bound_transfer"), choices=choices)
+    run_sweep.run_sweep(sweep.spec, os.path.join(root, "bound_transfer"), choices=choices,
+                        after_run=STRONG)
     both_protocols(os.path.join(root, "bound_transfer"),
                    os.path.join(RESULTS, _network(net).tables, "bound_transfer"))
     print(bound_transfer.write_transfer(), flush=True)
@@ -217,7 +238,8 @@ def grid_extension(workdir: str, net: str, ext: str) -> None:
   # tuned table's (or another extension's), take that table's runs.
   share_tuned_runs(root, net, run_sweep.load_sweep(_table("tuned", f"net={net}"), choices),
                    os.path.join(root, ext))
-  run_sweep.run_sweep(_table("tuned", f"net={net}"), os.path.join(root, ext), choices=choices)
+  run_sweep.run_sweep(_table("tuned", f"net={net}"), os.path.join(root, ext), choices=choices,
+                      after_run=STRONG)
   both_protocols(os.path.join(root, ext), out)
 
 
@@ -290,7 +312,7 @@ def ablations(workdir: str, net: str) -> None:
   l1 = {"l1": run_sweep.read_choices(os.path.join(RESULTS, network.tuning, "choices.json"))["l1"]}
   spec, runs = _table("ablations", f"net={net}"), os.path.join(root, "ablations")
   share_tuned_runs(root, net, run_sweep.load_sweep(spec, choices=l1), runs)
-  run_sweep.run_sweep(spec, runs, choices=l1)
+  run_sweep.run_sweep(spec, runs, choices=l1, after_run=STRONG)
   out = os.path.join(RESULTS, network.tables, "ablations")
   both_protocols(runs, out)
   for protocol, name in (("paper", "results.json"), ("strong", reevaluate.results_name("strong"))):
@@ -306,7 +328,8 @@ def tuned_no_reg_runs(root: str, net: str) -> run_sweep.Sweep:
   choices from the committed tuning)."""
   choices = run_sweep.read_choices(os.path.join(RESULTS, _network(net).tuning, "choices.json"))
   return run_sweep.run_sweep(_table("tuned", f"net={net}"), os.path.join(root, "tuned"),
-                             choices=choices, only=[f"no-reg/seed{seed}" for seed in tuned.SEEDS])
+                             choices=choices, only=[f"no-reg/seed{seed}" for seed in tuned.SEEDS],
+                             after_run=STRONG)
 
 
 # Grid extensions whose rows are the tuned table's runs at their own choices (grid_extension).
@@ -350,8 +373,8 @@ def tradeoff_runs(workdir: str, net: str) -> str:
   root = os.path.join(workdir, net)
   spec, curves_root = _table("tradeoff", f"net={net}"), os.path.join(root, "tradeoff")
   share_tuned_runs(root, net, run_sweep.load_sweep(spec), curves_root)
-  run_sweep.run_sweep(spec, curves_root,
-                      after_run=lambda run_dir: reevaluate.reevaluate_sweep(run_dir, "strong"))
+  reevaluate.reevaluate_sweep(os.path.join(curves_root, "no-reg"), "strong")  # linked in
+  run_sweep.run_sweep(spec, curves_root, after_run=STRONG)
   reevaluate.reevaluate_sweep(curves_root, "strong")
   return curves_root
 
@@ -370,7 +393,7 @@ def tradeoff(workdir: str, net: str) -> None:
 
 
 def mixed_precision(workdir: str, net: str) -> None:
-  network_table(workdir, net)
+  network_table(workdir, net, {"mixed": mixed_report.METHODS})
   root = os.path.join(workdir, net, "tuned")
   for method in mixed_report.METHODS:
     reevaluate.reevaluate_sweep(os.path.join(root, method), "mixed")
@@ -379,7 +402,8 @@ def mixed_precision(workdir: str, net: str) -> None:
 
 
 def cle_ladder(workdir: str, net: str) -> None:
-  network_table(workdir, net)
+  network_table(workdir, net, {protocol: cle_report.METHODS
+                               for protocol in ("cle", "cle+bias_correction")})
   root = os.path.join(workdir, net, "tuned")
   out = os.path.join(RESULTS, _network(net).tables, "cle")
   for protocol in ("cle", "cle+bias_correction"):
