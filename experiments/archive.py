@@ -12,8 +12,8 @@ restored run counts as finished and its re-sweeps as done, and runs still to tra
 from the archived checkpoint, so runs trained in different sessions share their first epochs
 exactly. Runs finished in the workdir but not archived yet are archived then too.
 
-Every archived file is recorded in its run's archive.json with where it was written (CPU model,
-backend, commit, time): trained numbers are not bit-identical across CPU models, and tables that
+Every archived file is recorded in its run's archive.json with where it was archived (CPU
+model, backend, the archiving process's commit, time; a run is archived where it was trained): trained numbers are not bit-identical across CPU models, and tables that
 mix machines say so. A restored run has no checkpoint (only its records come back): a re-sweep it lacks cannot be
 computed (reevaluate says so), so studies re-sweep each run before archiving it where they can.
 """

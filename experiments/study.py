@@ -37,7 +37,9 @@ skips what is done: a finished run (a readable results.json) is not retrained, a
 one resumes from its checkpoint, a re-sweep already written is not redone, and tables are
 rewritten from the runs. Tuned choices pass from the tuning step to the table sweep here (with
 --tuning=committed, from the choices.json the tuning wrote when it ran, its runs not retrained);
-no config reads a results file.
+no config reads a results file. With --archive, finished runs' records are kept in the
+repository and restored into a fresh workdir (experiments.archive); each run is re-swept under
+the protocols its study needs as soon as it is trained, so that it is archived whole.
 """
 import dataclasses
 import json
