@@ -161,3 +161,23 @@ def sync(subdir: str) -> tuple[int, int]:
       archived += not os.path.exists(os.path.join(_target(run_dir), PROVENANCE))
       save(run_dir)
   return restored, archived
+
+
+def write_machines(root: str, out: str, results_name: str = "results.json") -> dict[str, int]:
+  """machines.json in out, where the archived runs under root were trained: {"<CPU model>
+  (<backend>)": number of runs}, from each run's archive.json (nothing is written where archiving
+  is off or no run is archived)."""
+  found = {}
+  for dirpath, _, files in os.walk(root, followlinks=True):
+    target = _target(dirpath) if results_name in files else None
+    path = os.path.join(target, PROVENANCE) if target else None
+    if path is None or not os.path.exists(path):
+      continue
+    with open(path) as f:
+      stamp = json.load(f).get(results_name)
+    if stamp:
+      name = f"{stamp['cpu']} ({stamp['backend']})"
+      found[name] = found.get(name, 0) + 1
+  if found:
+    report.write_json_atomic(os.path.join(out, "machines.json"), dict(sorted(found.items())))
+  return found

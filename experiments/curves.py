@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
 from configs.tables import tradeoff  # pylint: disable=g-import-not-at-top
-from experiments import make_tables, reevaluate, run_sweep  # pylint: disable=g-import-not-at-top
+from experiments import archive, make_tables, reevaluate, run_sweep  # pylint: disable=g-import-not-at-top
 from qreg import cli, report  # pylint: disable=g-import-not-at-top
 
 FLOAT = ("paper", (None, None))
@@ -296,6 +296,7 @@ def write_curves(root: str, out: str, net: str) -> str:
   text = markdown(result, iso, net)
   report.write_text_atomic(os.path.join(out, "curves.md"), text)
   plot(result, os.path.join(out, "curves.png"), net)
+  archive.write_machines(root, out)
   return text
 
 

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
+from experiments import archive  # pylint: disable=g-import-not-at-top
 from qreg import cli, report  # pylint: disable=g-import-not-at-top
 
 
@@ -197,6 +198,7 @@ def make_tables(root: str, out: str, results_name: str = "results.json") -> str:
                for run in runs] for method, runs in by_method.items()})
   plot(summary, settings, os.path.join(out, "accuracy.png"))
   write_gains(by_method, settings, out)
+  archive.write_machines(root, out, results_name)
   return table
 
 

@@ -191,6 +191,10 @@ def test_archive_resumes_a_sweep_in_a_fresh_workdir(tiny_sweep, tmp_path, capsys
     chex.assert_trees_all_equal(final("l1/seed0")["params"], final("l1-scratch")["params"])
     assert (archived / "runs" / "l1/seed0" / "results.json").read_bytes() == (
         workdir / "runs" / "l1/seed0" / "results.json").read_bytes()
+    tables = make_tables.make_tables(str(workdir / "runs"), str(tmp_path / "tables"))
+    assert "| l1 |" in tables  # the restored and the new runs alike, and where they were trained:
+    machines = json.loads((tmp_path / "tables" / "machines.json").read_text())
+    assert list(machines.values()) == [3] and list(machines)[0].endswith("(cpu)")
     with pytest.raises(FileNotFoundError, match="no checkpoint to re-sweep"):
       reevaluate.reevaluate_sweep(str(workdir / "runs" / "base"), "strong")
   finally:
