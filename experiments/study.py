@@ -28,6 +28,8 @@
 |                    | with mixed precision at 2-8 bits per weight on each sensitivity        |
 | cle_ladder         | the same runs re-swept after cross-layer equalization (+ bias          |
 |                    | correction), beside the paper and strong protocols                     |
+| deployment         | cle_ladder and mixed_precision on one training of the table (each run  |
+|                    | re-swept for both as it ends: what an archived run needs)              |
 | drift              | the bound penalty from the start (configs/tables/drift.py) against the |
 |                    | l1 runs: growth along BatchNorm's free directions (after bound_penalty) |
 | table1             | the cross-network Table 1 from the committed tables                    |
@@ -394,8 +396,21 @@ def tradeoff(workdir: str, net: str) -> None:
         flush=True)
 
 
+# The re-sweeps of the deployment studies, each on the table's runs of its methods.
+MIXED = {"mixed": mixed_report.METHODS}
+CLE = {protocol: cle_report.METHODS for protocol in ("cle", "cle+bias_correction")}
+
+
+def deployment(workdir: str, net: str) -> None:
+  """cle_ladder and mixed_precision on one training of the table: each run re-swept under both
+  as it ends, so that its archived records serve both (a restored run has no checkpoint)."""
+  network_table(workdir, net, {**CLE, **MIXED})
+  cle_ladder(workdir, net)
+  mixed_precision(workdir, net)
+
+
 def mixed_precision(workdir: str, net: str) -> None:
-  network_table(workdir, net, {"mixed": mixed_report.METHODS})
+  network_table(workdir, net, MIXED)
   root = os.path.join(workdir, net, "tuned")
   for method in mixed_report.METHODS:
     reevaluate.reevaluate_sweep(os.path.join(root, method), "mixed")
@@ -404,8 +419,7 @@ def mixed_precision(workdir: str, net: str) -> None:
 
 
 def cle_ladder(workdir: str, net: str) -> None:
-  network_table(workdir, net, {protocol: cle_report.METHODS
-                               for protocol in ("cle", "cle+bias_correction")})
+  network_table(workdir, net, CLE)
   root = os.path.join(workdir, net, "tuned")
   out = os.path.join(RESULTS, _network(net).tables, "cle")
   for protocol in ("cle", "cle+bias_correction"):
@@ -459,6 +473,7 @@ STUDIES = {
     "bound_penalty": bound_penalty,
     "mixed_precision": mixed_precision,
     "cle_ladder": cle_ladder,
+    "deployment": deployment,
     "drift": drift_runs,
     "table1": write_table1,
 }

@@ -112,6 +112,24 @@ def test_network_table_study_end_to_end_and_resumed(tiny_study):
   assert {p: (results / "tiny" / p / "table.md").read_text() for p in tables} == tables
 
 
+def test_a_study_resumes_from_its_archive_in_a_fresh_workdir(tiny_study, tmp_path, capsys):
+  """With --archive, a table whose workdir is lost comes back from the archive: nothing is
+  trained or re-swept again and the tables are the same."""
+  workdir, results = tiny_study
+  archived = tmp_path / "archive"
+  study.run_study("network_table", str(workdir), "tiny", archive_dir=str(archived))
+  tables = {p: (results / "tiny" / p / "table.md").read_text() for p in ("paper", "strong")}
+  assert (archived / "tiny" / "tuned" / "l1" / "seed1" / "results_strong.json").exists()
+  shutil.rmtree(workdir)
+  capsys.readouterr()
+  study.run_study("network_table", str(workdir), "tiny", archive_dir=str(archived))
+  out = capsys.readouterr().out
+  assert "runs to train" not in out and ": strong ===" not in out
+  assert {p: (results / "tiny" / p / "table.md").read_text() for p in tables} == tables
+  machines = json.loads((results / "tiny" / "paper" / "machines.json").read_text())
+  assert list(machines.values()) == [4]  # this machine: no-reg and l1, 2 seeds
+
+
 def test_committed_tuning_needs_the_committed_choices(tiny_study):
   workdir, results = tiny_study
   with pytest.raises(FileNotFoundError, match="--tuning=committed: .*choices.json not found"):
