@@ -13,11 +13,13 @@ from the archived checkpoint, so runs trained in different sessions share their 
 exactly. Runs finished in the workdir but not archived yet are archived then too.
 
 Every archived file is recorded in its run's archive.json with where it was archived (CPU
-model, backend, the archiving process's commit, time; a run is archived where it was trained): trained numbers are not bit-identical across CPU models, and tables that
-mix machines say so. A restored run has no checkpoint (only its records come back): a re-sweep it lacks cannot be
+model, backend, the archiving process's commit, time; a run is archived where it was trained):
+trained numbers are not bit-identical across CPU models, and tables that mix machines say so.
+A restored run has no checkpoint (only its records come back): a re-sweep it lacks cannot be
 computed (reevaluate says so), so studies re-sweep each run before archiving it where they can.
 """
 import datetime
+import functools
 import json
 import os
 import platform
@@ -42,7 +44,9 @@ def enabled() -> bool:
   return _roots is not None
 
 
+@functools.cache
 def _machine() -> dict:
+  """Where this process runs; the same for its whole life, so read once."""
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:

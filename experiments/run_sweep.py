@@ -220,9 +220,10 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
     archive.save(run_dir)
     # The checkpoint the sweep's other runs warm-start from, archived with its run.
     dependent = next((r for r in sweep.runs if r.get("warm_start") == run["name"]), None)
-    if archive.enabled() and dependent and sweep.config(dependent).reg.start_epoch:
-      step_dir = start_checkpoint(sweep.config(dependent), run_dir)
-      if os.path.isdir(step_dir):
+    if archive.enabled() and dependent:
+      dependent_config = sweep.config(dependent)
+      step_dir = start_checkpoint(dependent_config, run_dir)
+      if dependent_config.reg.start_epoch and os.path.isdir(step_dir):
         archive.save_checkpoint(step_dir)
     seconds.append(time.time() - start)
     print(f"=== {run['name']} done in {seconds[-1]:.0f}s ===", flush=True)

@@ -377,7 +377,6 @@ def tradeoff_runs(workdir: str, net: str) -> str:
   root = os.path.join(workdir, net)
   spec, curves_root = _table("tradeoff", f"net={net}"), os.path.join(root, "tradeoff")
   share_tuned_runs(root, net, run_sweep.load_sweep(spec), curves_root)
-  reevaluate.reevaluate_sweep(os.path.join(curves_root, "no-reg"), "strong")  # linked in
   run_sweep.run_sweep(spec, curves_root, after_run=STRONG)
   reevaluate.reevaluate_sweep(curves_root, "strong")
   return curves_root
