@@ -9,7 +9,9 @@ sweep(arg=None, *, choices) for runs at a tuning's choices), a list of dicts: {"
 "overrides": {"dotted.field": value, ...}, "labels": {...}, "warm_start": name of another run
 or None}. Run `name` trains in <dir>/<name>; a finished run (a readable results.json) is skipped,
 an interrupted one resumes from its checkpoint, and a run whose results.json is truncated or
-unreadable is run again (its training is done, so only its sweep reruns).
+unreadable is run again (its training is done, so only its sweep reruns). Several workers may run
+one sweep at once (processes, or hosts sharing the workdir): each claims the runs it trains
+(CLAIM) and skips those another holds.
 
 warm_start: runs that differ only in what happens from reg.start_epoch on (the method, its λ)
 share their first start_epoch epochs exactly, since data order and schedule are deterministic.
@@ -32,7 +34,7 @@ import ml_collections
 from absl import flags, logging
 
 from experiments import archive
-from qreg import cli, data, main, report
+from qreg import checkpoint, cli, data, main, report
 from qreg import config as config_lib
 
 # Fields a warm-started run may change: they only act from reg.start_epoch on.
@@ -132,6 +134,11 @@ def is_finished(run_dir: str, results_name: str = "results.json") -> bool:
 
 
 DIVERGED = "diverged.json"
+# A worker holds <run>/claim (its pid and host) from a run's warm start to its archiving, so that
+# several workers (processes, or hosts sharing the workdir) can run one sweep: each trains the
+# runs no other holds (qreg.checkpoint.workdir_lock; a claim of a dead process on the same host is
+# taken over).
+CLAIM = "claim"
 
 
 def diverged(run_dir: str) -> dict | None:
@@ -187,50 +194,83 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
       todo.append(run)
   if todo:
     print(f"=== {root}: {len(todo)} of {len(selected)} runs to train ===", flush=True)
-  seconds = []  # of the runs trained here, for the estimate of what is left
+  seconds, busy = [], []  # the runs trained here (for the estimate), those another worker has
   for run in todo:
     run_dir = os.path.join(root, run["name"])
-    config = sweep.config(run)
     os.makedirs(run_dir, exist_ok=True)
-    report.write_json_atomic(os.path.join(run_dir, "run.json"), run)
-    source = run.get("warm_start")
-    if source and not os.path.exists(os.path.join(run_dir, "checkpoints")):
-      if warm_start(config, sweep.config(sweep.run(source)), os.path.join(root, source), run_dir):
-        logging.info("%s starts from %s's checkpoint at epoch %d.", run["name"], source,
-                     config.reg.start_epoch)
-    start = time.time()
-    left = len(todo) - len(seconds)
-    estimate = (f", about {_duration(left * sum(seconds) / len(seconds))} left" if seconds
-                else "")
-    print(f"=== {run['name']} ({len(seconds) + 1} of {len(todo)}{estimate}) ===", flush=True)
     try:
-      main.train_and_evaluate(config, run_dir)
-    except FloatingPointError as e:
-      # A grid that reaches a value strong enough to break training is meant to: the run is
-      # recorded as diverged (training is deterministic, so it would diverge again) and the
-      # sweep goes on; tuning never chooses it and tables leave it out.
-      report.write_json_atomic(os.path.join(run_dir, DIVERGED), {"message": str(e)})
-      archive.save(run_dir)
-      print(f"=== {run['name']} diverged: {e} ===", flush=True)
-      seconds.append(time.time() - start)
-      jax.clear_caches()
-      continue
-    if after_run is not None:
-      after_run(run_dir)
-    archive.save(run_dir)
-    # The checkpoint the sweep's other runs warm-start from, archived with its run.
-    dependent = next((r for r in sweep.runs if r.get("warm_start") == run["name"]), None)
-    if archive.enabled() and dependent:
-      dependent_config = sweep.config(dependent)
-      step_dir = start_checkpoint(dependent_config, run_dir)
-      if dependent_config.reg.start_epoch and os.path.isdir(step_dir):
-        archive.save_checkpoint(step_dir)
-    seconds.append(time.time() - start)
-    print(f"=== {run['name']} done in {seconds[-1]:.0f}s ===", flush=True)
+      with checkpoint.workdir_lock(run_dir, CLAIM):
+        # Another worker may have finished it since the list was made.
+        if is_finished(run_dir) or diverged(run_dir):
+          logging.info("Skipping %s: finished by another worker.", run["name"])
+          continue
+        left = len(todo) - len(seconds) - len(busy)
+        estimate = (f", about {_duration(left * sum(seconds) / len(seconds))} left" if seconds
+                    else "")
+        print(f"=== {run['name']} ({len(seconds) + len(busy) + 1} of {len(todo)}{estimate}) ===",
+              flush=True)
+        start = time.time()
+        _train_run(sweep, run, root, after_run)
+        seconds.append(time.time() - start)
+    except checkpoint.WorkdirBusy as e:
+      logging.info("Skipping %s: another worker has it. %s", run["name"], e)
+      busy.append(run["name"])
     # Each run compiles its own steps and sweep: without this, a long sweep's process grew until
     # LLVM could not allocate memory (once, after ~60 runs).
     jax.clear_caches()
+  # Runs still claimed: what follows the sweep (its tables, re-sweeps) waits for them; the
+  # worker that ends last goes on to it.
+  held = [name for name in busy if _claimed(os.path.join(root, name))]
+  if held:
+    raise checkpoint.WorkdirBusy(
+        f"{len(held)} runs of {root} are being trained by other workers ({', '.join(held[:3])}"
+        f"{', ...' if len(held) > 3 else ''}); the last worker to end writes what follows them. "
+        "Rerun this command once they end if none is left to.")
   return sweep
+
+
+def _train_run(sweep: Sweep, run: dict[str, Any], root: str,
+               after_run: Callable[[str], None] | None) -> None:
+  """Trains and sweeps one run (warm-started where it can be), then after_run and archiving."""
+  run_dir = os.path.join(root, run["name"])
+  config = sweep.config(run)
+  report.write_json_atomic(os.path.join(run_dir, "run.json"), run)
+  source = run.get("warm_start")
+  if source and not os.path.exists(os.path.join(run_dir, "checkpoints")):
+    if warm_start(config, sweep.config(sweep.run(source)), os.path.join(root, source), run_dir):
+      logging.info("%s starts from %s's checkpoint at epoch %d.", run["name"], source,
+                   config.reg.start_epoch)
+  start = time.time()
+  try:
+    main.train_and_evaluate(config, run_dir)
+  except FloatingPointError as e:
+    # A grid that reaches a value strong enough to break training is meant to: the run is
+    # recorded as diverged (training is deterministic, so it would diverge again) and the
+    # sweep goes on; tuning never chooses it and tables leave it out.
+    report.write_json_atomic(os.path.join(run_dir, DIVERGED), {"message": str(e)})
+    archive.save(run_dir)
+    print(f"=== {run['name']} diverged: {e} ===", flush=True)
+    return
+  if after_run is not None:
+    after_run(run_dir)
+  archive.save(run_dir)
+  # The checkpoint the sweep's other runs warm-start from, archived with its run.
+  dependent = next((r for r in sweep.runs if r.get("warm_start") == run["name"]), None)
+  if archive.enabled() and dependent:
+    dependent_config = sweep.config(dependent)
+    step_dir = start_checkpoint(dependent_config, run_dir)
+    if dependent_config.reg.start_epoch and os.path.isdir(step_dir):
+      archive.save_checkpoint(step_dir)
+  print(f"=== {run['name']} done in {time.time() - start:.0f}s ===", flush=True)
+
+
+def _claimed(run_dir: str) -> bool:
+  """Whether a live worker holds run_dir's claim."""
+  try:
+    with checkpoint.workdir_lock(run_dir, CLAIM):
+      return False
+  except checkpoint.WorkdirBusy:
+    return True
 
 
 def _main(argv) -> None:

@@ -222,14 +222,15 @@ def _process_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str):
+def workdir_lock(workdir: str, name: str = "lock"):
   """Holds workdir/lock (this process's pid and host) while training, so that a second process
   started on the same workdir stops at once instead of interleaving checkpoints with it.
 
   A lock left by a dead process on this host is taken over with a warning. With several
-  processes, process 0 holds the lock for all of them and tells them whether it got it.
+  processes, process 0 holds the lock for all of them and tells them whether it got it. Another
+  name is another lock (experiments.run_sweep claims a whole run with workdir/claim).
   """
-  path = os.path.join(workdir, "lock")
+  path = os.path.join(workdir, name)
   me = {"pid": os.getpid(), "host": socket.gethostname(),
         "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
   error = ""

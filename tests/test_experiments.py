@@ -3,6 +3,10 @@ against hand-computed expectations and naive loops."""
 import json
 import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
 
 import chex
 import numpy as np
@@ -155,6 +159,39 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tiny_sweep, tmp_path)
   mtime = os.path.getmtime(root / "blows-up" / run_sweep.DIVERGED)
   run_sweep.run_sweep(str(path), str(root))  # skipped, not retrained
   assert os.path.getmtime(root / "blows-up" / run_sweep.DIVERGED) == mtime
+
+
+def test_workers_share_a_sweep_by_claiming_runs(tiny_sweep, tmp_path, caplog):
+  """Several workers on one sweep: each trains the runs no live worker claims, and one that ends
+  while another still holds a run says so instead of going on to what follows the sweep."""
+  sweep_path, _ = tiny_sweep
+  root, only = tmp_path / "runs", ["base/seed0", "l1/seed0", "l1-scratch"]
+  claim_path = root / "l1/seed0" / run_sweep.CLAIM
+  claim_path.parent.mkdir(parents=True)
+
+  def finish_elsewhere(run_dir):  # l1-scratch ends in another worker while base/seed0 trains
+    if run_dir.endswith("base/seed0"):
+      os.makedirs(root / "l1-scratch")
+      shutil.copy(os.path.join(run_dir, "results.json"), root / "l1-scratch")
+
+  with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) as other:
+    claim = {"pid": other.pid, "host": socket.gethostname(), "since": "earlier"}
+    claim_path.write_text(json.dumps(claim))
+    with caplog.at_level("INFO"), pytest.raises(
+        checkpoint.WorkdirBusy, match=rf"1 runs of {root} are being trained by other workers "
+                                      r"\(l1/seed0\)"):
+      run_sweep.run_sweep(sweep_path, str(root), only=only, after_run=finish_elsewhere)
+    assert run_sweep.is_finished(str(root / "base/seed0"))
+    assert not run_sweep.is_finished(str(root / "l1/seed0"))
+    assert json.loads(claim_path.read_text()) == claim  # the other worker's claim is left alone
+    assert sorted(os.listdir(root / "l1-scratch")) == ["results.json"]  # not trained again
+    assert "Skipping l1-scratch: finished by another worker." in caplog.text
+    assert "Skipping l1/seed0: another worker has it." in caplog.text
+    other.kill()
+  # That worker died: its claim is taken over, the run trained, and every claim released.
+  run_sweep.run_sweep(sweep_path, str(root), only=only)
+  assert run_sweep.is_finished(str(root / "l1/seed0"))
+  assert not list(root.glob("**/" + run_sweep.CLAIM))
 
 
 def test_archive_resumes_a_sweep_in_a_fresh_workdir(tiny_sweep, tmp_path, capsys):
