@@ -203,12 +203,10 @@ def bound_penalty(workdir: str, net: str) -> None:
   grid_extension(workdir, net, "bound")
   root = os.path.join(workdir, net)
   if net != "small_cnn":  # the transfer test: SmallCNN's validation choices, unchanged
-    choices = run_sweep.read_choices(os.path.join(
-        RESULTS, NETWORKS["small_cnn"].tables, "bound", "tuning", "choices.json"))
-    sweep = run_sweep.load_sweep(_table("tuned", f"net={net}"), choices)
+    sweep = run_sweep.load_sweep(_table("tuned", f"net={net}"), transferred_choices())
     share_tuned_runs(root, net, sweep, os.path.join(root, "bound_transfer"))
-    run_sweep.run_sweep(sweep.spec, os.path.join(root, "bound_transfer"), choices=choices,
-                        after_run=STRONG)
+    run_sweep.run_sweep(sweep.spec, os.path.join(root, "bound_transfer"),
+                        choices=transferred_choices(), after_run=STRONG)
     both_protocols(os.path.join(root, "bound_transfer"),
                    os.path.join(RESULTS, _network(net).tables, "bound_transfer"))
     print(bound_transfer.write_transfer(), flush=True)
@@ -219,6 +217,13 @@ def bound_penalty(workdir: str, net: str) -> None:
       flush=True)
   if net in table1.NETWORKS:
     print(table1.write_table1(), flush=True)
+
+
+def transferred_choices() -> dict[str, dict]:
+  """The bound forms' choices on SmallCNN's validation split, which bound_penalty's transfer
+  test applies unchanged elsewhere."""
+  return run_sweep.read_choices(os.path.join(
+      RESULTS, NETWORKS["small_cnn"].tables, "bound", "tuning", "choices.json"))
 
 
 def grid_extension(workdir: str, net: str, ext: str) -> None:
@@ -341,17 +346,21 @@ TABLE_EXTENSIONS = ("multibit", "bound")
 
 
 def share_tuned_runs(root: str, net: str, sweep: run_sweep.Sweep, sweep_root: str) -> None:
-  """Links into sweep_root the runs of the tuned table and of its extensions' tables that train
-  as one of the sweep's runs does (same config but the sweep's bit settings); the tuned table's
-  no-reg runs are trained first where they are gone."""
+  """Links into sweep_root the runs of the tuned table, of its extensions' tables and of the
+  bound forms' transfer test that train as one of the sweep's runs does (same config but the
+  sweep's bit settings); the tuned table's no-reg runs are trained first where they are gone."""
   tables = {"tuned": tuned_no_reg_runs(root, net)}
   for ext in TABLE_EXTENSIONS:
     choices = os.path.join(RESULTS, _network(net).tables, ext, "tuning", "choices.json")
     if os.path.isdir(os.path.join(root, ext)) and os.path.exists(choices):
       tables[ext] = run_sweep.load_sweep(_table("tuned", f"net={net}"),
                                          run_sweep.read_choices(choices))
+  if net != "small_cnn" and os.path.isdir(os.path.join(root, "bound_transfer")):
+    tables["bound_transfer"] = run_sweep.load_sweep(_table("tuned", f"net={net}"),
+                                                    transferred_choices())
   for table_name, table_sweep in tables.items():
-    share_runs(os.path.join(root, table_name), same_training(table_sweep, sweep), sweep_root)
+    if os.path.join(root, table_name) != sweep_root:
+      share_runs(os.path.join(root, table_name), same_training(table_sweep, sweep), sweep_root)
 
 
 def same_training(source: run_sweep.Sweep, sweep: run_sweep.Sweep) -> dict[str, str]:

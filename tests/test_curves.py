@@ -273,3 +273,30 @@ def test_a_diverged_value_reaches_the_high_end_and_leaves_the_curve(tmp_path):
   text = curves.write_curves(str(tmp_path), str(tmp_path / "out"), "toy")
   assert "| bound | b_ref=6 | 3 | diverged (seed 0, 1, 2) |" in text
   assert "| bound | 3 | +0.10 | diverged | reached | reached |" in text
+
+
+def test_the_transfer_tests_runs_are_linked_into_the_vgg_curves(tmp_path):
+  """The bound forms' transfer runs (SmallCNN's choices on VGG-like) train as the curves' runs at
+  that reference width do: the trade-off links them instead of training them again."""
+  root = tmp_path / "vgg"
+  transfer = study.transferred_choices()
+  for name in [f"tuned/no-reg/seed{s}" for s in (0, 1, 2)] + [
+      f"bound_transfer/{form}/seed{s}" for form in BOUND_FORMS for s in (0, 1, 2)]:
+    (root / name).mkdir(parents=True)
+    (root / name / "results.json").write_text(json.dumps({"rows": []}))
+  sweep = run_sweep.load_sweep(table("tradeoff", "net=vgg"))
+  study.share_tuned_runs(str(root), "vgg", sweep, str(root / "tradeoff"))
+  linked = {os.path.relpath(path, root / "tradeoff"): os.path.relpath(os.readlink(path), root)
+            for path in root.glob("tradeoff/*/*/seed*") if path.is_symlink()}
+  expected = {}
+  for form in BOUND_FORMS:
+    for i, overrides in enumerate(tradeoff.grids("net=vgg")[form]):
+      if overrides == transfer[form]:
+        expected.update({f"{form}/{i}/seed{s}": f"bound_transfer/{form}/seed{s}"
+                         for s in (0, 1, 2)})
+  assert len(expected) == 9 and linked == expected
+  # The transfer sweep links the tuned table's no-reg runs, and nothing of its own into itself.
+  transfer_sweep = run_sweep.load_sweep(table("tuned", "net=vgg"), transfer)
+  study.share_tuned_runs(str(root), "vgg", transfer_sweep, str(root / "bound_transfer"))
+  assert sorted(str(p.relative_to(root)) for p in root.glob("bound_transfer/*/seed*")
+                if p.is_symlink()) == [f"bound_transfer/no-reg/seed{s}" for s in (0, 1, 2)]
