@@ -159,6 +159,25 @@ def share_run(source_dir: str, run_dir: str) -> None:
     os.symlink(os.path.abspath(source_dir), run_dir)
 
 
+def reuse_training(source_dir: str, run_dir: str, config: ml_collections.ConfigDict) -> bool:
+  """Starts run_dir, a run that trains as the finished source_dir did but measures other bit
+  settings, from the source's last checkpoint (with config, the run's own, as its config.json):
+  the runner then only sweeps it. False where there is nothing to reuse or run_dir exists."""
+  steps = [int(step) for step in _listdir(os.path.join(source_dir, "checkpoints"))
+           if step.isdigit()]
+  if not is_finished(source_dir) or not steps or os.path.lexists(run_dir):
+    return False
+  last = str(max(steps))
+  shutil.copytree(os.path.join(source_dir, "checkpoints", last),
+                  os.path.join(run_dir, "checkpoints", last))
+  checkpoint.write_run_config(config, run_dir)
+  return True
+
+
+def _listdir(path: str) -> list[str]:
+  return os.listdir(path) if os.path.isdir(path) else []
+
+
 def _duration(seconds: float) -> str:
   if seconds < 90:
     return f"{seconds:.0f} s"

@@ -52,6 +52,7 @@ from collections.abc import Callable
 from absl import flags, logging
 
 from configs.tables import ablations as ablations_config
+from configs.tables import tradeoff as tradeoff_config
 from configs.tables import tuned
 from experiments import archive, bound_tightness, bound_transfer
 from experiments import cle_ladder as cle_report
@@ -153,6 +154,10 @@ def network_table(workdir: str, net: str,
   network, root = _network(net), os.path.join(workdir, net)
   choices = tuned_choices(_table("tuning", f"net={net}"), os.path.join(root, "tuning"),
                           os.path.join(RESULTS, network.tuning))
+  # The curves' runs at the tuned choices: their trainings reused, only the table's sweep run.
+  share_from(curve_runs(root, net), root,
+             run_sweep.load_sweep(_table("tuned", f"net={net}"), choices),
+             os.path.join(root, "tuned"))
   run_sweep.run_sweep(_table("tuned", f"net={net}"), os.path.join(root, "tuned"),
                       choices=choices, after_run=resweeps({"strong": None, **(protocols or {})}))
   both_protocols(os.path.join(root, "tuned"), os.path.join(RESULTS, network.tables))
@@ -241,7 +246,7 @@ def grid_extension(workdir: str, net: str, ext: str) -> None:
             if not os.path.lexists(os.path.join(tuning_root, name))}
   if shared and _tuning_source == "run":
     run_sweep.run_sweep(tuning_sweep.spec, os.path.join(root, "tuning"), only=sorted(shared))
-    share_runs(os.path.join(root, "tuning"), shared, tuning_root)
+    share_runs(os.path.join(root, "tuning"), shared, tuning_root, run_sweep.load_sweep(spec))
   choices = tuned_choices(spec, tuning_root, os.path.join(out, "tuning"))
   # The tuned table's no-reg runs (trained first where they are gone), and a choice that is the
   # tuned table's (or another extension's), take that table's runs.
@@ -346,9 +351,10 @@ TABLE_EXTENSIONS = ("multibit", "bound")
 
 
 def share_tuned_runs(root: str, net: str, sweep: run_sweep.Sweep, sweep_root: str) -> None:
-  """Links into sweep_root the runs of the tuned table, of its extensions' tables and of the
-  bound forms' transfer test that train as one of the sweep's runs does (same config but the
-  sweep's bit settings); the tuned table's no-reg runs are trained first where they are gone."""
+  """Links into sweep_root the runs of the tuned table, of its extensions' tables, of the bound
+  forms' transfer test and of the trade-off curves that train as one of the sweep's runs does
+  (same config but the sweep's bit settings; share_runs); the tuned table's no-reg runs are
+  trained first where they are gone."""
   tables = {"tuned": tuned_no_reg_runs(root, net)}
   for ext in TABLE_EXTENSIONS:
     choices = os.path.join(RESULTS, _network(net).tables, ext, "tuning", "choices.json")
@@ -358,9 +364,22 @@ def share_tuned_runs(root: str, net: str, sweep: run_sweep.Sweep, sweep_root: st
   if net != "small_cnn" and os.path.isdir(os.path.join(root, "bound_transfer")):
     tables["bound_transfer"] = run_sweep.load_sweep(_table("tuned", f"net={net}"),
                                                     transferred_choices())
-  for table_name, table_sweep in tables.items():
-    if os.path.join(root, table_name) != sweep_root:
-      share_runs(os.path.join(root, table_name), same_training(table_sweep, sweep), sweep_root)
+  share_from({**tables, **curve_runs(root, net)}, root, sweep, sweep_root)
+
+
+def curve_runs(root: str, net: str) -> dict[str, run_sweep.Sweep]:
+  """{"tradeoff": the trade-off curves' sweep} where the network's curves have runs."""
+  if net in tradeoff_config.GRIDS and os.path.isdir(os.path.join(root, "tradeoff")):
+    return {"tradeoff": run_sweep.load_sweep(_table("tradeoff", f"net={net}"))}
+  return {}
+
+
+def share_from(sources: dict[str, run_sweep.Sweep], root: str, sweep: run_sweep.Sweep,
+               sweep_root: str) -> None:
+  """share_runs from each source sweep (root/<name>) other than sweep_root itself."""
+  for name, source in sources.items():
+    if os.path.join(root, name) != sweep_root:
+      share_runs(os.path.join(root, name), same_training(source, sweep), sweep_root, sweep)
 
 
 def same_training(source: run_sweep.Sweep, sweep: run_sweep.Sweep) -> dict[str, str]:
@@ -372,10 +391,22 @@ def same_training(source: run_sweep.Sweep, sweep: run_sweep.Sweep) -> dict[str, 
           if (key := _training_key(sweep.config(run))) in trained}
 
 
-def share_runs(source_root: str, names: dict[str, str], sweep_root: str) -> None:
-  """Links each finished source run into sweep_root under its name there (names: same_training)."""
+def share_runs(source_root: str, names: dict[str, str], sweep_root: str,
+               sweep: run_sweep.Sweep) -> None:
+  """Links each finished source run into sweep_root under its name there (names: same_training).
+  Where the source did not measure every bit setting of the sweep's run, its training is reused
+  instead: the run starts from the source's last checkpoint, and only its sweep is run."""
   for source, name in names.items():
-    run_sweep.share_run(os.path.join(source_root, source), os.path.join(sweep_root, name))
+    source_dir, run_dir = os.path.join(source_root, source), os.path.join(sweep_root, name)
+    results = report.read_finished_results(os.path.join(source_dir, "results.json"))
+    if results is None:
+      continue
+    config = sweep.config(sweep.run(name))
+    measured = {(row["weight_bits"], row["act_bits"]) for row in results["rows"]}
+    if measured >= {tuple(setting) for setting in config.quant.bit_settings}:
+      run_sweep.share_run(source_dir, run_dir)
+    elif run_sweep.reuse_training(source_dir, run_dir, config):
+      logging.info("%s reuses %s's training: only its sweep runs.", run_dir, source_dir)
 
 
 def tradeoff_runs(workdir: str, net: str) -> str:

@@ -280,10 +280,13 @@ def test_the_transfer_tests_runs_are_linked_into_the_vgg_curves(tmp_path):
   that reference width do: the trade-off links them instead of training them again."""
   root = tmp_path / "vgg"
   transfer = study.transferred_choices()
+  transfer_sweep = run_sweep.load_sweep(table("tuned", "net=vgg"), transfer)
+  rows = [{"weight_bits": w, "act_bits": a, "accuracy": 0.5}  # every setting the table measures
+          for w, a in transfer_sweep.config(transfer_sweep.runs[0]).quant.bit_settings]
   for name in [f"tuned/no-reg/seed{s}" for s in (0, 1, 2)] + [
       f"bound_transfer/{form}/seed{s}" for form in BOUND_FORMS for s in (0, 1, 2)]:
     (root / name).mkdir(parents=True)
-    (root / name / "results.json").write_text(json.dumps({"rows": []}))
+    (root / name / "results.json").write_text(json.dumps({"rows": rows}))
   sweep = run_sweep.load_sweep(table("tradeoff", "net=vgg"))
   study.share_tuned_runs(str(root), "vgg", sweep, str(root / "tradeoff"))
   linked = {os.path.relpath(path, root / "tradeoff"): os.path.relpath(os.readlink(path), root)
@@ -296,7 +299,37 @@ def test_the_transfer_tests_runs_are_linked_into_the_vgg_curves(tmp_path):
                          for s in (0, 1, 2)})
   assert len(expected) == 9 and linked == expected
   # The transfer sweep links the tuned table's no-reg runs, and nothing of its own into itself.
-  transfer_sweep = run_sweep.load_sweep(table("tuned", "net=vgg"), transfer)
   study.share_tuned_runs(str(root), "vgg", transfer_sweep, str(root / "bound_transfer"))
   assert sorted(str(p.relative_to(root)) for p in root.glob("bound_transfer/*/seed*")
                 if p.is_symlink()) == [f"bound_transfer/no-reg/seed{s}" for s in (0, 1, 2)]
+
+
+def test_the_curves_runs_are_reused_by_the_tables_that_measure_more_settings(tmp_path):
+  """A trade-off run at a tuned choice trains as the tuned table's run but measured fewer bit
+  settings: the table's run starts from its last checkpoint (and sweeps) instead of linking it;
+  a source that measured every setting is linked."""
+  root = tmp_path / "vgg"
+  curves_sweep = run_sweep.load_sweep(table("tradeoff", "net=vgg"))
+  with open(os.path.join(RESULTS, TUNING_RESULTS["vgg"], "choices.json")) as f:
+    choices = {m: c["overrides"] for m, c in json.load(f)["methods"].items()}
+  tuned_sweep = run_sweep.load_sweep(table("tuned", "net=vgg"), choices)
+  pairs = study.same_training(curves_sweep, tuned_sweep)
+  assert pairs["l1/1/seed0"] == "l1/seed0" and pairs["kure/1/seed2"] == "kure/seed2"
+  for name in ("l1/1/seed0", "l2/2/seed0"):
+    run = root / "tradeoff" / name
+    (run / "checkpoints" / "1287").mkdir(parents=True)
+    (run / "checkpoints" / "1716").mkdir()
+    (run / "checkpoints" / "1716" / "state").write_text("weights")
+    rows = [{"weight_bits": w, "act_bits": a, "accuracy": 0.5} for w, a in tradeoff.BIT_SETTINGS]
+    (run / "results.json").write_text(json.dumps({"rows": rows}))
+  every = [{"weight_bits": w, "act_bits": a, "accuracy": 0.5}
+           for w, a in tuned_sweep.config(tuned_sweep.run("l2/seed0")).quant.bit_settings]
+  (root / "tradeoff" / "l2/2/seed0" / "results.json").write_text(json.dumps({"rows": every}))
+  study.share_from(study.curve_runs(str(root), "vgg"), str(root), tuned_sweep, str(root / "tuned"))
+  reused = root / "tuned" / "l1/seed0"
+  assert not reused.is_symlink() and sorted(os.listdir(reused)) == ["checkpoints", "config.json"]
+  assert os.listdir(reused / "checkpoints") == ["1716"]
+  assert (reused / "checkpoints" / "1716" / "state").read_text() == "weights"
+  assert json.loads((reused / "config.json").read_text())["reg"]["lambda_a"] == 0.003
+  assert os.readlink(root / "tuned" / "l2/seed0") == str(root / "tradeoff" / "l2/2/seed0")
+  assert sorted(p.name for p in (root / "tuned").glob("*/*")) == ["seed0", "seed0"]

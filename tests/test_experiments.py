@@ -194,6 +194,30 @@ def test_workers_share_a_sweep_by_claiming_runs(tiny_sweep, tmp_path, caplog):
   assert not list(root.glob("**/" + run_sweep.CLAIM))
 
 
+def test_a_run_that_trains_as_a_finished_one_reuses_its_training(tiny_sweep, tmp_path):
+  """A run measuring other bit settings than a finished run with the same training starts from
+  that run's last checkpoint: only its sweep runs, and it equals the run trained from scratch."""
+  sweep_path, idx_dir = tiny_sweep
+  run_sweep.run_sweep(sweep_path, str(tmp_path / "a"), only=["l1-scratch"])
+  more = tmp_path / "more_settings.py"
+  more.write_text(SWEEP_FILE.format(idx=idx_dir).replace("[(None, None), (4, 4)]",
+                                                          "[(None, None), (3, 3), (4, 4)]"))
+  sweep = run_sweep.load_sweep(str(more))
+  source, reused = str(tmp_path / "a" / "l1-scratch"), str(tmp_path / "b" / "l1-scratch")
+  assert run_sweep.reuse_training(source, reused, sweep.config(sweep.run("l1-scratch")))
+  assert not run_sweep.reuse_training(source, reused, sweep.config(sweep.run("l1-scratch")))
+  run_sweep.run_sweep(str(more), str(tmp_path / "b"), only=["l1-scratch"])
+  assert os.listdir(os.path.join(reused, "checkpoints")) == ["16"]  # nothing trained
+  run_sweep.run_sweep(str(more), str(tmp_path / "c"), only=["l1-scratch"])  # from scratch
+  rows = lambda run_dir: json.load(open(os.path.join(run_dir, "results.json")))["rows"]
+  accuracies = lambda run_dir: [(r["weight_bits"], r["act_bits"], r["accuracy"])
+                                for r in rows(run_dir)]
+  assert accuracies(reused) == accuracies(str(tmp_path / "c" / "l1-scratch"))
+  assert [r for r in accuracies(reused) if r[:2] != (3, 3)] == accuracies(source)
+  assert list(checkpoint.read_run_config(reused).quant.bit_settings) == [(None, None), (3, 3),
+                                                                        (4, 4)]
+
+
 def test_archive_resumes_a_sweep_in_a_fresh_workdir(tiny_sweep, tmp_path, capsys):
   """A session trains base/seed0 with archiving on, and its workdir is lost. The next one, in an
   empty workdir, gets base/seed0's records back (not retrained), warm-starts l1/seed0 from the
