@@ -22,6 +22,9 @@ the same seed (same initialization and batches), from their last checkpoints:
   (gamma, beta) must leave the logits and halve exactly one tap's term), and A* puts each such
   tap's term at no-reg's ||(gamma, beta)||: the term of a rescaled copy of the run with the same
   function.
+
+What this needs of each run (its terms and norms) is kept beside it as drift_terms.json and
+archived with its records: drift is computed again from them where the checkpoints are gone.
 """
 import json
 import os
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from experiments import archive
 from qreg import checkpoint, cli, data, objectives, quant, report
 
 NUM_BATCHES = 10
@@ -96,22 +100,33 @@ def gradient_terms(params, batch_stats, apply_fn, batches) -> dict:
           "freed_taps": freed_taps(terms, params, *batches[0])}
 
 
+def _affine_norm(params, bn: str) -> float:
+  """||(gamma, beta)|| of the BatchNorm at bn."""
+  return float(np.sqrt(sum(np.sum(np.square(np.asarray(v)))
+                           for v in quant.subtree(params, bn.split("/")).values())))
+
+
+def record(params, terms: dict) -> dict:
+  """What compare needs of a run, as plain JSON: its gradient terms (gradient_terms), every
+  parameter's norm, the kernels a BatchNorm follows, and each BatchNorm's ||(gamma, beta)||."""
+  norms = jax.device_get(objectives.parameter_norms(params))
+  return {"terms": terms, "norms": {k: float(v) for k, v in norms.items()},
+          "bn_followed": [k for k in terms["kernels"] if _bn_followed(params, k)],
+          "affine_norms": {bn: _affine_norm(params, bn) for bn in _batch_norms(params)}}
+
+
 def compare(reference: dict, regularized: dict) -> dict:
-  """The decomposition of the module docstring, from two runs' {'params', 'terms'}."""
-  norms_ref = jax.device_get(objectives.parameter_norms(reference["params"]))
-  norms = jax.device_get(objectives.parameter_norms(regularized["params"]))
+  """The decomposition of the module docstring, from two runs' records (record)."""
+  norms_ref, norms = reference["norms"], regularized["norms"]
   g_ref, g = reference["terms"]["kernels"], regularized["terms"]["kernels"]
-  counterfactual = sum(
-      g[path] * float(norms[path]) / float(norms_ref[path])
-      if _bn_followed(regularized["params"], path) else g[path] for path in g)
+  counterfactual = sum(g[path] * norms[path] / norms_ref[path]
+                       if path in regularized["bn_followed"] else g[path] for path in g)
   total_ref, total = sum(g_ref.values()), sum(g.values())
   decrease = total_ref - total
-  affine = lambda p, bn: float(np.sqrt(sum(np.sum(np.square(np.asarray(v))) for v in
-                                           quant.subtree(p, bn.split("/")).values())))
   taps, a_ref, a = regularized["terms"]["taps"], reference["terms"]["activations"], regularized[
       "terms"]["activations"]
   a_counterfactual = a - sum(taps[t] for t in regularized["terms"]["freed_taps"].values()) + sum(
-      taps[t] * affine(regularized["params"], bn) / affine(reference["params"], bn)
+      taps[t] * regularized["affine_norms"][bn] / reference["affine_norms"][bn]
       for bn, t in regularized["terms"]["freed_taps"].items())
   return {
       "activation_term_at_reference_affine": a_counterfactual,
@@ -123,18 +138,35 @@ def compare(reference: dict, regularized: dict) -> dict:
       "explained_by_kernel_growth": (counterfactual - total) / decrease if decrease > 0 else None,
       "activation_term_reference": reference["terms"]["activations"],
       "activation_term": regularized["terms"]["activations"],
-      "norm_ratios": {k: float(norms[k]) / float(norms_ref[k]) for k in norms}}
+      "norm_ratios": {k: norms[k] / norms_ref[k] for k in norms}}
+
+
+# Each run's record, kept beside its results (and archived with them, experiments.archive):
+# drift is then computed again without the run's checkpoint, e.g. in a fresh clone.
+RECORD = "drift_terms.json"
 
 
 def load(workdir: str, num_batches: int = NUM_BATCHES) -> dict:
-  """A run's last params and its gradient terms on the first training batches."""
+  """A run's record from its last checkpoint, its gradient terms on the first training batches;
+  read from workdir/RECORD where an earlier call wrote it."""
+  path = os.path.join(workdir, RECORD)
+  try:
+    with open(path) as f:
+      found = json.load(f)
+    if found.get("batches") == num_batches:
+      return found
+  except (OSError, ValueError):
+    pass
   run = checkpoint.load_run(workdir)
   pipeline = data.build_input_pipeline(run.config.data)
   batches = [(b["image"], b["label"]) for b in pipeline.eval_batches(
       run.config.data.batch_size, split="train", num_batches=num_batches)]
   params, batch_stats = run.variables["params"], run.variables["batch_stats"]
-  return {"params": params,
-          "terms": gradient_terms(params, batch_stats, run.model.apply, batches)}
+  found = {**record(params, gradient_terms(params, batch_stats, run.model.apply, batches)),
+           "batches": num_batches}
+  report.write_json_atomic(path, found)
+  archive.save(workdir)
+  return found
 
 
 def drift(references: Sequence[str], runs: Sequence[str], labels: Sequence[str], out: str) -> str:

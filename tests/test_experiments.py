@@ -751,6 +751,16 @@ def test_mixed_precision_summary_against_a_naive_reading(tmp_path):
   assert os.path.exists(tmp_path / "out" / "mixed.png")
 
 
+def test_drift_reads_a_runs_kept_record_instead_of_its_checkpoint(tmp_path):
+  from experiments import drift  # pylint: disable=g-import-not-at-top
+  kept = {"terms": {"kernels": {}}, "norms": {}, "bn_followed": [], "affine_norms": {},
+          "batches": drift.NUM_BATCHES}
+  (tmp_path / drift.RECORD).write_text(json.dumps(kept))
+  assert drift.load(str(tmp_path)) == kept  # no checkpoint here: read, not recomputed
+  with pytest.raises(FileNotFoundError, match="config.json not found"):
+    drift.load(str(tmp_path), num_batches=drift.NUM_BATCHES + 1)  # another measurement
+
+
 def test_drift_attributes_a_pure_kernel_rescaling_wholly_to_kernel_growth():
   from experiments import drift  # pylint: disable=g-import-not-at-top
   from qreg import quant  # pylint: disable=g-import-not-at-top
@@ -765,8 +775,9 @@ def test_drift_attributes_a_pure_kernel_rescaling_wholly_to_kernel_growth():
   grown = quant.replace_leaf(params, path, 2.0 * quant.subtree(params, path))
   bn = quant.subtree(params, ["conv1", "bn"])  # and conv1's BatchNorm scaled by 3: act1 by 3
   grown = quant.replace_leaf(grown, ["conv1", "bn"], {k: 3.0 * v for k, v in bn.items()})
-  runs = [{"params": p, "terms": drift.gradient_terms(p, stats, model.apply, batches)}
+  runs = [drift.record(p, drift.gradient_terms(p, stats, model.apply, batches))
           for p in (params, grown)]
+  runs = json.loads(json.dumps(runs))  # a record is plain JSON: it is kept beside the run
   # BatchNorm makes the train-mode loss blind to conv2's scale: its gradient halves.
   np.testing.assert_allclose(runs[1]["terms"]["kernels"]["conv2/conv/kernel"],
                              runs[0]["terms"]["kernels"]["conv2/conv/kernel"] / 2, rtol=1e-4)
