@@ -208,10 +208,11 @@ def bound_penalty(workdir: str, net: str) -> None:
   grid_extension(workdir, net, "bound")
   root = os.path.join(workdir, net)
   if net != "small_cnn":  # the transfer test: SmallCNN's validation choices, unchanged
-    sweep = run_sweep.load_sweep(_table("tuned", f"net={net}"), transferred_choices())
+    choices = transferred_choices()
+    sweep = run_sweep.load_sweep(_table("tuned", f"net={net}"), choices)
     share_tuned_runs(root, net, sweep, os.path.join(root, "bound_transfer"))
-    run_sweep.run_sweep(sweep.spec, os.path.join(root, "bound_transfer"),
-                        choices=transferred_choices(), after_run=STRONG)
+    run_sweep.run_sweep(sweep.spec, os.path.join(root, "bound_transfer"), choices=choices,
+                        after_run=STRONG)
     both_protocols(os.path.join(root, "bound_transfer"),
                    os.path.join(RESULTS, _network(net).tables, "bound_transfer"))
     print(bound_transfer.write_transfer(), flush=True)
