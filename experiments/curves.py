@@ -63,13 +63,19 @@ def value_label(overrides: dict) -> str:
   return f"λa={overrides.get('reg.lambda_a', 0):g}"
 
 
-def _labels_and_overrides(run_dir: str) -> tuple[dict, dict]:
+def _labels_and_overrides(root: str, run_dir: str) -> tuple[dict, dict]:
   """A run's labels and its overrides without the seed (the grid value's own)."""
   with open(os.path.join(run_dir, "run.json")) as f:
     run = json.load(f)
   overrides = dict(run["overrides"])
   overrides.pop("seed", None)
-  return run["labels"], overrides
+  labels = dict(run["labels"])
+  # A run linked in from another sweep (experiments.study.share_runs) carries that sweep's
+  # labels, without its grid value here: that is in its name, <method>/<value>/seed<seed>.
+  parts = os.path.relpath(run_dir, root).split(os.sep)
+  if "value" not in labels and len(parts) == 3 and parts[1].isdigit():
+    labels["value"] = int(parts[1])
+  return labels, overrides
 
 
 def read_runs(root: str) -> dict:
@@ -81,7 +87,7 @@ def read_runs(root: str) -> dict:
                for p, name in RESULTS_FILES.items()}
     if any(r is None for r in results.values()):
       continue
-    labels, overrides = _labels_and_overrides(run_dir)
+    labels, overrides = _labels_and_overrides(root, run_dir)
     accuracies = {point_name(point): make_tables.accuracy(results[point[0]]["rows"], point[1])
                   for point in (FLOAT, *POINTS)}
     key = (labels["method"], labels.get("value"))
@@ -97,7 +103,7 @@ def read_diverged(root: str) -> dict:
   for run_dir in make_tables._run_dirs(root, run_sweep.DIVERGED):  # pylint: disable=protected-access
     if run_sweep.diverged(run_dir) is None:
       continue
-    labels, overrides = _labels_and_overrides(run_dir)
+    labels, overrides = _labels_and_overrides(root, run_dir)
     entry = found.setdefault((labels["method"], labels.get("value")),
                              {"overrides": overrides, "seeds": []})
     entry["seeds"].append(labels["seed"])

@@ -49,12 +49,16 @@ def results_name(protocol: str) -> str:
 
 def reevaluate_sweep(root: str, protocol: str) -> None:
   """results_<protocol>.json beside every finished run's results.json under root; runs already
-  re-swept (a readable file) are skipped, a truncated one is redone."""
+  re-swept (a readable file) are skipped, a truncated one is redone. Several workers share the
+  runs as a sweep's (run_sweep.for_each_claimed)."""
   name = results_name(protocol)
-  for dirpath, _, files in sorted(os.walk(root, followlinks=True)):
-    if ("run.json" not in files or not run_sweep.is_finished(dirpath)
-        or run_sweep.is_finished(dirpath, name)):
-      continue
+  todo = [dirpath for dirpath, _, files in sorted(os.walk(root, followlinks=True))
+          if "run.json" in files and run_sweep.is_finished(dirpath)
+          and not run_sweep.is_finished(dirpath, name)]
+
+  def resweep(dirpath: str) -> None:
+    if run_sweep.is_finished(dirpath, name):  # by another worker meanwhile
+      return
     if not os.path.isdir(os.path.join(dirpath, "checkpoints")):
       raise FileNotFoundError(
           f"{dirpath} has no checkpoint to re-sweep under {protocol} (a run restored from "
@@ -66,6 +70,9 @@ def reevaluate_sweep(root: str, protocol: str) -> None:
     report.write_json_atomic(os.path.join(dirpath, name), results)
     archive.save(dirpath)
     jax.clear_caches()  # as run_sweep does after each run
+
+  # Claimed like a sweep's runs, so that several workers on one study share the re-sweeps.
+  run_sweep.for_each_claimed(todo, lambda dirpath: dirpath, resweep)
 
 
 def ladder(workdirs: list[str], labels: list[str], out: str) -> str:

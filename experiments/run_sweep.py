@@ -11,7 +11,7 @@ or None}. Run `name` trains in <dir>/<name>; a finished run (a readable results.
 an interrupted one resumes from its checkpoint, and a run whose results.json is truncated or
 unreadable is run again (its training is done, so only its sweep reruns). Several workers may run
 one sweep at once (processes, or hosts sharing the workdir): each claims the runs it trains
-(CLAIM) and skips those another holds.
+(CLAIM), skips those another holds and, once out of runs, waits for those (for_each_claimed).
 
 warm_start: runs that differ only in what happens from reg.start_epoch on (the method, its λ)
 share their first start_epoch epochs exactly, since data order and schedule are deterministic.
@@ -19,6 +19,7 @@ Such a run starts from the named run's checkpoint at that epoch instead of retra
 gives the same parameters as training from scratch. The runner checks that the two configs agree
 on everything else and falls back to training from scratch when the checkpoint is not there.
 """
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -213,39 +214,76 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
       todo.append(run)
   if todo:
     print(f"=== {root}: {len(todo)} of {len(selected)} runs to train ===", flush=True)
-  seconds, busy = [], []  # the runs trained here (for the estimate), those another worker has
-  for run in todo:
-    run_dir = os.path.join(root, run["name"])
-    os.makedirs(run_dir, exist_ok=True)
-    try:
-      with checkpoint.workdir_lock(run_dir, CLAIM):
-        # Another worker may have finished it since the list was made.
-        if is_finished(run_dir) or diverged(run_dir):
-          logging.info("Skipping %s: finished by another worker.", run["name"])
-          continue
-        left = len(todo) - len(seconds) - len(busy)
-        estimate = (f", about {_duration(left * sum(seconds) / len(seconds))} left" if seconds
-                    else "")
-        print(f"=== {run['name']} ({len(seconds) + len(busy) + 1} of {len(todo)}{estimate}) ===",
-              flush=True)
-        start = time.time()
-        _train_run(sweep, run, root, after_run)
-        seconds.append(time.time() - start)
-    except checkpoint.WorkdirBusy as e:
-      logging.info("Skipping %s: another worker has it. %s", run["name"], e)
-      busy.append(run["name"])
+  seconds = []  # the runs trained here, for the estimate
+
+  def train(run: dict[str, Any]) -> None:
+    # Another worker may have finished it since the list was made.
+    if is_finished(os.path.join(root, run["name"])) or diverged(os.path.join(root, run["name"])):
+      logging.info("Skipping %s: finished by another worker.", run["name"])
+      return
+    left = len(todo) - len(seconds)  # at most: other workers may take some
+    estimate = f", about {_duration(left * sum(seconds) / len(seconds))} left" if seconds else ""
+    print(f"=== {run['name']} ({len(seconds) + 1} of {len(todo)}{estimate}) ===", flush=True)
+    start = time.time()
+    _train_run(sweep, run, root, after_run)
+    seconds.append(time.time() - start)
     # Each run compiles its own steps and sweep: without this, a long sweep's process grew until
     # LLVM could not allocate memory (once, after ~60 runs).
     jax.clear_caches()
-  # Runs still claimed: what follows the sweep (its tables, re-sweeps) waits for them; the
-  # worker that ends last goes on to it.
-  held = [name for name in busy if _claimed(os.path.join(root, name))]
-  if held:
-    raise checkpoint.WorkdirBusy(
-        f"{len(held)} runs of {root} are being trained by other workers ({', '.join(held[:3])}"
-        f"{', ...' if len(held) > 3 else ''}); the last worker to end writes what follows them. "
-        "Rerun this command once they end if none is left to.")
+
+  for_each_claimed(todo, lambda run: os.path.join(root, run["name"]), train)
   return sweep
+
+
+def for_each_claimed(items: Sequence[Any], run_dir: Callable[[Any], str],
+                     work: Callable[[Any], None]) -> None:
+  """work(item) for each item while holding its run's claim (CLAIM). Items whose run another
+  live worker holds are skipped, then waited for: once their workers release them, each is
+  claimed and work(item) called again, so work re-checks whether it is still to do (the other
+  worker may have done it, or have stopped part-way). What follows (a sweep's tables, the next
+  step of a study) therefore starts only once every item is done, in whichever worker ends
+  last."""
+  pending = list(items)
+  while pending:
+    busy = []
+    for item in pending:
+      path = os.path.abspath(run_dir(item))
+      os.makedirs(path, exist_ok=True)
+      if path in _CLAIMED_HERE:  # e.g. a run's re-sweeps after its training, under its claim
+        work(item)
+        continue
+      with contextlib.ExitStack() as claim:
+        try:
+          claim.enter_context(checkpoint.workdir_lock(path, CLAIM))
+        except checkpoint.WorkdirBusy as e:
+          logging.info("Skipping %s for now: another worker has it. %s", path, e)
+          busy.append(item)
+          continue
+        _CLAIMED_HERE.add(path)
+        try:
+          work(item)
+        finally:
+          _CLAIMED_HERE.discard(path)
+    _wait_for_others([run_dir(item) for item in busy])
+    pending = busy
+
+
+# The runs whose claims this process holds.
+_CLAIMED_HERE: set[str] = set()
+# How often a worker that waits for another's runs looks again, in seconds.
+POLL_SECONDS = 30.0
+
+
+def _wait_for_others(run_dirs: Sequence[str]) -> None:
+  """Returns once no live worker holds any of run_dirs' claims."""
+  held = [d for d in run_dirs if _claimed(d)]
+  if held:
+    print(f"=== waiting for {len(held)} runs other workers hold ({', '.join(held[:3])}"
+          f"{', ...' if len(held) > 3 else ''}); a claim of a process on another host that is no "
+          "longer running has to be deleted by hand ===", flush=True)
+  while held:
+    time.sleep(POLL_SECONDS)
+    held = [d for d in held if _claimed(d)]
 
 
 def _train_run(sweep: Sweep, run: dict[str, Any], root: str,

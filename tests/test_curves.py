@@ -275,6 +275,34 @@ def test_a_diverged_value_reaches_the_high_end_and_leaves_the_curve(tmp_path):
   assert "| bound | 3 | +0.10 | diverged | reached | reached |" in text
 
 
+def test_runs_linked_from_other_sweeps_are_read_at_their_grid_value(tmp_path):
+  """A run linked into the curves from another sweep (the bound table's, the transfer's) has that
+  sweep's labels, without a grid value: its value is its place in the curves' sweep, so two such
+  values of one method stay two points."""
+  settings = [(None, None), (3, 3), (2, 2), (2, 8)]
+  accuracies = lambda f: {s: f if s == (None, None) else 0.5 for s in settings}
+  root = tmp_path / "curves"
+  for seed in (0, 1, 2):
+    write_run(root, f"no-reg/seed{seed}", {"method": "no-reg", "seed": seed}, {},
+              accuracies(0.92), accuracies(0.92))
+    write_run(root, f"bound/0/seed{seed}", {"method": "bound", "value": 0, "seed": seed},
+              {"reg.bound_bits": 12}, accuracies(0.92), accuracies(0.92))
+    for value, bits, float_acc in ((1, 10, 0.918), (2, 8, 0.80)):
+      write_run(tmp_path / "elsewhere" / f"b{bits}", f"seed{seed}",
+                {"method": "bound", "seed": seed}, {"reg.bound_bits": bits},
+                accuracies(float_acc), accuracies(float_acc))
+      os.makedirs(root / "bound" / str(value), exist_ok=True)
+      os.symlink(tmp_path / "elsewhere" / f"b{bits}" / f"seed{seed}",
+                 root / "bound" / str(value) / f"seed{seed}")
+  (root / "sweep.json").write_text(json.dumps({"runs": [
+      f"{name}/seed{seed}" for name in ("no-reg", "bound/0", "bound/1", "bound/2")
+      for seed in (0, 1, 2)]}))
+  points = curves.curves(str(root))["methods"]["bound"]
+  assert [(p["value"], p["label"], p["seeds"]) for p in points] == [
+      (0, "b_ref=12", [0, 1, 2]), (1, "b_ref=10", [0, 1, 2]), (2, "b_ref=8", [0, 1, 2])]
+  assert [round(p["float_cost"]["mean"], 6) for p in points] == [0.0, 0.2, 12.0]
+
+
 def test_the_transfer_tests_runs_are_linked_into_the_vgg_curves(tmp_path):
   """The bound forms' transfer runs (SmallCNN's choices on VGG-like) train as the curves' runs at
   that reference width do: the trade-off links them instead of training them again."""

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 
 import chex
 import numpy as np
@@ -161,36 +162,48 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tiny_sweep, tmp_path)
   assert os.path.getmtime(root / "blows-up" / run_sweep.DIVERGED) == mtime
 
 
-def test_workers_share_a_sweep_by_claiming_runs(tiny_sweep, tmp_path, caplog):
-  """Several workers on one sweep: each trains the runs no live worker claims, and one that ends
-  while another still holds a run says so instead of going on to what follows the sweep."""
+def test_workers_share_a_sweep_by_claiming_runs(tiny_sweep, tmp_path, capsys, caplog,
+                                                monkeypatch):
+  """Several workers on one sweep: each trains the runs no live worker claims; one that runs out
+  waits for the runs others hold, then does those they left undone, so that what follows the
+  sweep starts only once every run is done."""
   sweep_path, _ = tiny_sweep
-  root, only = tmp_path / "runs", ["base/seed0", "l1/seed0", "l1-scratch"]
-  claim_path = root / "l1/seed0" / run_sweep.CLAIM
-  claim_path.parent.mkdir(parents=True)
-
-  def finish_elsewhere(run_dir):  # l1-scratch ends in another worker while base/seed0 trains
-    if run_dir.endswith("base/seed0"):
-      os.makedirs(root / "l1-scratch")
-      shutil.copy(os.path.join(run_dir, "results.json"), root / "l1-scratch")
-
+  monkeypatch.setattr(run_sweep, "POLL_SECONDS", 0.1)
+  root = tmp_path / "runs"
+  only = ["base/seed0", "l1/seed0", "base/seed1", "l1-scratch"]
+  held = ["l1/seed0", "base/seed1"]  # by the other worker
   with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) as other:
     claim = {"pid": other.pid, "host": socket.gethostname(), "since": "earlier"}
-    claim_path.write_text(json.dumps(claim))
-    with caplog.at_level("INFO"), pytest.raises(
-        checkpoint.WorkdirBusy, match=rf"1 runs of {root} are being trained by other workers "
-                                      r"\(l1/seed0\)"):
-      run_sweep.run_sweep(sweep_path, str(root), only=only, after_run=finish_elsewhere)
-    assert run_sweep.is_finished(str(root / "base/seed0"))
-    assert not run_sweep.is_finished(str(root / "l1/seed0"))
-    assert json.loads(claim_path.read_text()) == claim  # the other worker's claim is left alone
-    assert sorted(os.listdir(root / "l1-scratch")) == ["results.json"]  # not trained again
-    assert "Skipping l1-scratch: finished by another worker." in caplog.text
-    assert "Skipping l1/seed0: another worker has it." in caplog.text
-    other.kill()
-  # That worker died: its claim is taken over, the run trained, and every claim released.
-  run_sweep.run_sweep(sweep_path, str(root), only=only)
-  assert run_sweep.is_finished(str(root / "l1/seed0"))
+    for name in held:
+      (root / name).mkdir(parents=True)
+      (root / name / run_sweep.CLAIM).write_text(json.dumps(claim))
+
+    def other_ends():  # it finishes l1/seed0 and dies in base/seed1, leaving both claims behind
+      shutil.copy(root / "base/seed0" / "results.json", root / "l1/seed0")
+      other.kill()
+      other.wait()
+
+    def after_run(run_dir):
+      # A run's re-sweeps run under its claim (study.resweeps), not waiting for themselves.
+      reevaluate.reevaluate_sweep(run_dir, "paper")
+      if run_dir.endswith("base/seed0"):
+        # l1-scratch ends in another worker while base/seed0 trains here; the other holder is
+        # still alive when this worker runs out of runs, and ends while it waits.
+        os.makedirs(root / "l1-scratch")
+        shutil.copy(os.path.join(run_dir, "results.json"), root / "l1-scratch")
+        threading.Timer(3.0, other_ends).start()
+
+    with caplog.at_level("INFO"):
+      run_sweep.run_sweep(sweep_path, str(root), only=only, after_run=after_run)
+  out = capsys.readouterr().out
+  assert f"=== waiting for 2 runs other workers hold ({root / 'l1/seed0'}" in out
+  assert "Skipping l1-scratch: finished by another worker." in caplog.text
+  assert "Skipping l1/seed0: finished by another worker." in caplog.text
+  assert sorted(os.listdir(root / "l1-scratch")) == ["results.json"]  # not trained again
+  assert sorted(os.listdir(root / "l1/seed0")) == ["results.json"]
+  for name in ("base/seed0", "base/seed1"):  # base/seed1: the dead worker's, trained here
+    assert run_sweep.is_finished(str(root / name))
+    assert run_sweep.is_finished(str(root / name), reevaluate.results_name("paper"))
   assert not list(root.glob("**/" + run_sweep.CLAIM))
 
 
