@@ -247,7 +247,7 @@ def for_each_claimed(items: Sequence[Any], run_dir: Callable[[Any], str],
   while pending:
     busy = []
     for item in pending:
-      path = os.path.abspath(run_dir(item))
+      path = os.path.realpath(run_dir(item))
       os.makedirs(path, exist_ok=True)
       if path in _CLAIMED_HERE:  # e.g. a run's re-sweeps after its training, under its claim
         work(item)
