@@ -157,7 +157,8 @@ def share_run(source_dir: str, run_dir: str) -> None:
   sweep whose run has the same config reuses it instead of training it again."""
   if is_finished(source_dir) and not os.path.lexists(run_dir):
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-    os.symlink(os.path.abspath(source_dir), run_dir)
+    with contextlib.suppress(FileExistsError):  # another worker of the study linked it first
+      os.symlink(os.path.abspath(source_dir), run_dir)
 
 
 def reuse_training(source_dir: str, run_dir: str, config: ml_collections.ConfigDict) -> bool:
@@ -169,9 +170,17 @@ def reuse_training(source_dir: str, run_dir: str, config: ml_collections.ConfigD
   if not is_finished(source_dir) or not steps or os.path.lexists(run_dir):
     return False
   last = str(max(steps))
+  # Built beside run_dir and renamed into place, so that another worker starting the same study
+  # at once finds either nothing or the whole run (a directory rename fails if the target exists).
+  staging = f"{run_dir}.reuse-{os.getpid()}"
   shutil.copytree(os.path.join(source_dir, "checkpoints", last),
-                  os.path.join(run_dir, "checkpoints", last))
-  checkpoint.write_run_config(config, run_dir)
+                  os.path.join(staging, "checkpoints", last))
+  checkpoint.write_run_config(config, staging)
+  try:
+    os.rename(staging, run_dir)
+  except OSError:  # another worker put it there first
+    shutil.rmtree(staging)
+    return False
   return True
 
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+from unittest import mock
 
 import chex
 import numpy as np
@@ -217,6 +218,14 @@ def test_a_run_that_trains_as_a_finished_one_reuses_its_training(tiny_sweep, tmp
                                                           "[(None, None), (3, 3), (4, 4)]"))
   sweep = run_sweep.load_sweep(str(more))
   source, reused = str(tmp_path / "a" / "l1-scratch"), str(tmp_path / "b" / "l1-scratch")
+  # Another worker of the same study puts the run there while this one copies: it keeps theirs.
+  raced, write_run_config = str(tmp_path / "raced" / "l1-scratch"), checkpoint.write_run_config
+  def other_worker_first(config, workdir):
+    write_run_config(config, workdir)
+    os.makedirs(os.path.join(raced, "theirs"))
+  with mock.patch.object(checkpoint, "write_run_config", other_worker_first):
+    assert not run_sweep.reuse_training(source, raced, sweep.config(sweep.run("l1-scratch")))
+  assert os.listdir(raced) == ["theirs"] and os.listdir(tmp_path / "raced") == ["l1-scratch"]
   assert run_sweep.reuse_training(source, reused, sweep.config(sweep.run("l1-scratch")))
   assert not run_sweep.reuse_training(source, reused, sweep.config(sweep.run("l1-scratch")))
   run_sweep.run_sweep(str(more), str(tmp_path / "b"), only=["l1-scratch"])
