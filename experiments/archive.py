@@ -15,8 +15,9 @@ exactly. Runs finished in the workdir but not archived yet are archived then too
 Every archived file is recorded in its run's archive.json with where it was archived (CPU
 model, backend, the archiving process's commit, time; a run is archived where it was trained):
 trained numbers are not bit-identical across CPU models, and tables that mix machines say so.
-A restored run has no checkpoint (only its records come back): a re-sweep it lacks cannot be
-computed (reevaluate says so), so studies re-sweep each run before archiving it where they can.
+A restored run has no checkpoint of its trained model (only its records come back, and the
+checkpoint others warm-start from): a re-sweep it lacks cannot be computed (reevaluate says so,
+run_sweep.load_finished_run), so studies re-sweep each run before archiving it where they can.
 """
 import datetime
 import functools

@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
 from experiments import archive, make_tables, run_sweep  # pylint: disable=g-import-not-at-top
-from qreg import bound, checkpoint, cli, data, objectives, ptq, report  # pylint: disable=g-import-not-at-top
+from qreg import bound, cli, data, objectives, ptq, report  # pylint: disable=g-import-not-at-top
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
 TERMS = ("weights", "activations", "both")
@@ -68,7 +68,7 @@ def _loss(apply_fn, variables, batch) -> float:
 def run_tightness(workdir: str, num_batches: int = 4, widths=WIDTHS) -> dict:
   """{'predicted': {term: {b: value}}, 'measured': {term: {b: value}}, 'float_loss'} of one
   run (module docstring)."""
-  run = checkpoint.load_run(workdir)
+  run = run_sweep.load_finished_run(workdir)
   config, model = run.config, run.model
   params, batch_stats = run.variables["params"], run.variables.get("batch_stats", {})
   batches = _batches(config, num_batches)

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import archive
-from qreg import checkpoint, cli, data, objectives, quant, report
+from experiments import archive, run_sweep
+from qreg import cli, data, objectives, quant, report
 
 NUM_BATCHES = 10
 
@@ -157,7 +157,7 @@ def load(workdir: str, num_batches: int = NUM_BATCHES) -> dict:
       return found
   except (OSError, ValueError):
     pass
-  run = checkpoint.load_run(workdir)
+  run = run_sweep.load_finished_run(workdir)
   pipeline = data.build_input_pipeline(run.config.data)
   batches = [(b["image"], b["label"]) for b in pipeline.eval_batches(
       run.config.data.batch_size, split="train", num_batches=num_batches)]

@@ -18,14 +18,14 @@ from absl import flags
 
 from configs.tables import protocols
 from experiments import archive, run_sweep
-from qreg import checkpoint, cli, data, parallel, ptq, report
+from qreg import cli, data, parallel, ptq, report
 from qreg import config as config_lib
 from qreg.quant import setting_name
 
 
 def protocol_results(workdir: str, overrides: dict, bit_settings=None) -> dict:
   """The sweep of a trained workdir under config.quant overrides (results dict, not written)."""
-  run = checkpoint.load_run(workdir)
+  run = run_sweep.load_finished_run(workdir)
   settings = {} if bit_settings is None else {"quant.bit_settings": bit_settings}
   config = config_lib.with_overrides(run.config, {**overrides, **settings})
   mesh = parallel.make_mesh()

@@ -184,6 +184,22 @@ def reuse_training(source_dir: str, run_dir: str, config: ml_collections.ConfigD
   return True
 
 
+def load_finished_run(run_dir: str) -> checkpoint.Run:
+  """A finished run's checkpoint at the step its results were measured at. A run restored from
+  experiments.archive keeps only the checkpoint others warm-start from (an earlier step), which
+  must not pass for the trained model."""
+  run = checkpoint.load_run(run_dir)
+  results = report.read_finished_results(os.path.join(run_dir, "results.json"))
+  step = (results or {}).get("step")
+  if step is not None and run.step != step:
+    raise FileNotFoundError(
+        f"{run_dir} has no checkpoint of its trained model: its results are of step {step}, its "
+        f"latest checkpoint is of step {run.step} (a run restored from experiments.archive keeps "
+        "only the one others warm-start from); remove the run from the workdir and the archive "
+        "to retrain it.")
+  return run
+
+
 def _listdir(path: str) -> list[str]:
   return os.listdir(path) if os.path.isdir(path) else []
 

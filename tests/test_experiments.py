@@ -208,6 +208,23 @@ def test_workers_share_a_sweep_by_claiming_runs(tiny_sweep, tmp_path, capsys, ca
   assert not list(root.glob("**/" + run_sweep.CLAIM))
 
 
+def test_a_restored_run_without_its_final_checkpoint_is_not_re_swept(tiny_sweep, tmp_path):
+  """A run restored from the archive keeps only the checkpoint others warm-start from: a re-sweep
+  (or any analysis of the trained model) must not take that earlier step for the trained one."""
+  sweep_path, _ = tiny_sweep
+  root = tmp_path / "runs"
+  run_sweep.run_sweep(sweep_path, str(root), only=["base/seed0"])
+  run_dir = root / "base/seed0"
+  steps = sorted(int(step) for step in os.listdir(run_dir / "checkpoints") if step.isdigit())
+  assert run_sweep.load_finished_run(str(run_dir)).step == steps[-1] == 16 and len(steps) > 1
+  for step in steps[1:]:  # what the archive restores of a source run: its first checkpoint
+    shutil.rmtree(run_dir / "checkpoints" / str(step))
+  with pytest.raises(FileNotFoundError, match=f"its results are of step 16, its latest "
+                                              f"checkpoint is of step {steps[0]}"):
+    reevaluate.reevaluate_sweep(str(root), "paper")
+  assert not (run_dir / reevaluate.results_name("paper")).exists()
+
+
 def test_a_run_that_trains_as_a_finished_one_reuses_its_training(tiny_sweep, tmp_path):
   """A run measuring other bit settings than a finished run with the same training starts from
   that run's last checkpoint: only its sweep runs, and it equals the run trained from scratch."""
