@@ -243,7 +243,8 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
 
   def train(run: dict[str, Any]) -> None:
     # Another worker may have finished it since the list was made.
-    if is_finished(os.path.join(root, run["name"])) or diverged(os.path.join(root, run["name"])):
+    run_dir = os.path.join(root, run["name"])
+    if is_finished(run_dir) or diverged(run_dir):
       logging.info("Skipping %s: finished by another worker.", run["name"])
       return
     left = len(todo) - len(seconds)  # at most: other workers may take some
