@@ -11,7 +11,8 @@ or None}. Run `name` trains in <dir>/<name>; a finished run (a readable results.
 an interrupted one resumes from its checkpoint, and a run whose results.json is truncated or
 unreadable is run again (its training is done, so only its sweep reruns). Several workers may run
 one sweep at once (processes, or hosts sharing the workdir): each claims the runs it trains
-(CLAIM), skips those another holds and, once out of runs, waits for those (for_each_claimed).
+(CLAIM), skips those another holds or whose warm-start source another holds and, once out of
+runs, waits for those (for_each_claimed).
 
 warm_start: runs that differ only in what happens from reg.start_epoch on (the method, its λ)
 share their first start_epoch epochs exactly, since data order and schedule are deterministic.
@@ -257,26 +258,38 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
     # LLVM could not allocate memory (once, after ~60 runs).
     jax.clear_caches()
 
-  for_each_claimed(todo, lambda run: os.path.join(root, run["name"]), train)
+  def source(run: dict[str, Any]) -> str | None:
+    return os.path.join(root, run["warm_start"]) if run.get("warm_start") else None
+
+  for_each_claimed(todo, lambda run: os.path.join(root, run["name"]), train, source)
   return sweep
 
 
 def for_each_claimed(items: Sequence[Any], run_dir: Callable[[Any], str],
-                     work: Callable[[Any], None]) -> None:
+                     work: Callable[[Any], None],
+                     source: Callable[[Any], str | None] = lambda item: None) -> None:
   """work(item) for each item while holding its run's claim (CLAIM). Items whose run another
   live worker holds are skipped, then waited for: once their workers release them, each is
   claimed and work(item) called again, so work re-checks whether it is still to do (the other
   worker may have done it, or have stopped part-way). What follows (a sweep's tables, the next
   step of a study) therefore starts only once every item is done, in whichever worker ends
-  last."""
+  last. An item whose source(item) (the run it warm-starts from) another worker holds waits
+  for it the same way, instead of training that run's shared epochs again."""
   pending = list(items)
   while pending:
-    busy = []
+    busy, held = [], []
     for item in pending:
       path = os.path.realpath(run_dir(item))
       os.makedirs(path, exist_ok=True)
       if path in _CLAIMED_HERE:  # e.g. a run's re-sweeps after its training, under its claim
         work(item)
+        continue
+      first = source(item)
+      if first and _claimed(first):
+        logging.info("Skipping %s for now: it starts from %s, which another worker has.", path,
+                     first)
+        busy.append(item)
+        held.append(first)
         continue
       with contextlib.ExitStack() as claim:
         try:
@@ -284,13 +297,14 @@ def for_each_claimed(items: Sequence[Any], run_dir: Callable[[Any], str],
         except checkpoint.WorkdirBusy as e:
           logging.info("Skipping %s for now: another worker has it. %s", path, e)
           busy.append(item)
+          held.append(run_dir(item))
           continue
         _CLAIMED_HERE.add(path)
         try:
           work(item)
         finally:
           _CLAIMED_HERE.discard(path)
-    _wait_for_others([run_dir(item) for item in busy])
+    _wait_for_others(held)
     pending = busy
 
 
@@ -301,15 +315,15 @@ POLL_SECONDS = 30.0
 
 
 def _wait_for_others(run_dirs: Sequence[str]) -> None:
-  """Returns once no live worker holds any of run_dirs' claims."""
-  held = [d for d in run_dirs if _claimed(d)]
+  """Returns once a live worker's claim on one of run_dirs is released (at once if none is
+  held): what was waiting for it can go on while the others are still held."""
+  held = list(dict.fromkeys(d for d in run_dirs if _claimed(d)))
   if held:
     print(f"=== waiting for {len(held)} runs other workers hold ({', '.join(held[:3])}"
           f"{', ...' if len(held) > 3 else ''}); a claim of a process on another host that is no "
           "longer running has to be deleted by hand ===", flush=True)
-  while held:
+  while held and all(_claimed(d) for d in held):
     time.sleep(POLL_SECONDS)
-    held = [d for d in held if _claimed(d)]
 
 
 def _train_run(sweep: Sweep, run: dict[str, Any], root: str,
@@ -349,6 +363,8 @@ def _train_run(sweep: Sweep, run: dict[str, Any], root: str,
 
 def _claimed(run_dir: str) -> bool:
   """Whether a live worker holds run_dir's claim."""
+  if not os.path.exists(os.path.join(run_dir, CLAIM)):
+    return False
   try:
     with checkpoint.workdir_lock(run_dir, CLAIM):
       return False

@@ -208,6 +208,43 @@ def test_workers_share_a_sweep_by_claiming_runs(tiny_sweep, tmp_path, capsys, ca
   assert not list(root.glob("**/" + run_sweep.CLAIM))
 
 
+def test_a_run_waits_for_the_run_it_warm_starts_from_while_another_worker_trains_it(
+    tiny_sweep, tmp_path, capsys, caplog, monkeypatch):
+  """A worker does not train a warm-started run's shared epochs again while another worker is
+  training its source: it takes other runs first, then waits, then starts from the source's
+  checkpoint, and the run equals the one a single worker trains."""
+  sweep_path, _ = tiny_sweep
+  monkeypatch.setattr(run_sweep, "POLL_SECONDS", 0.1)
+  single, root = tmp_path / "single", tmp_path / "runs"
+  run_sweep.run_sweep(sweep_path, str(single), only=["base/seed0", "l1/seed0"])
+  capsys.readouterr()
+  with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) as other:
+    (root / "base/seed0").mkdir(parents=True)  # the other worker is training it
+    (root / "base/seed0" / run_sweep.CLAIM).write_text(json.dumps(
+        {"pid": other.pid, "host": socket.gethostname(), "since": "earlier"}))
+
+    def other_ends():  # it finishes base/seed0 and releases its claim
+      shutil.copytree(single / "base/seed0", root / "base/seed0", dirs_exist_ok=True)
+      other.kill()
+      other.wait()
+
+    def after_run(run_dir):
+      if run_dir.endswith("base/seed1"):
+        threading.Timer(2.0, other_ends).start()
+
+    with caplog.at_level("INFO"):
+      run_sweep.run_sweep(sweep_path, str(root), only=["l1/seed0", "base/seed1"],
+                          after_run=after_run)
+  out = capsys.readouterr().out
+  assert out.index("=== base/seed1 (1 of 2) ===") < out.index("=== l1/seed0 (2 of 2")
+  assert f"=== waiting for 1 runs other workers hold ({root / 'base/seed0'})" in out
+  assert "it starts from" in caplog.text
+  assert "l1/seed0 starts from base/seed0's checkpoint at epoch 1." in caplog.text
+  rows = lambda run_dir: json.load(open(run_dir / "results.json"))["rows"]
+  assert rows(root / "l1/seed0") == rows(single / "l1/seed0")
+  assert not list(root.glob("**/" + run_sweep.CLAIM))
+
+
 def test_a_restored_run_without_its_final_checkpoint_is_not_re_swept(tiny_sweep, tmp_path):
   """A run restored from the archive keeps only the checkpoint others warm-start from: a re-sweep
   (or any analysis of the trained model) must not take that earlier step for the trained one."""
