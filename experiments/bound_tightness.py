@@ -25,6 +25,7 @@ tightness.md (the ratio measured / predicted, mean ± std over seeds, per term),
 """
 import collections
 import functools
+import json
 import os
 
 import jax
@@ -37,9 +38,10 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
 from experiments import archive, make_tables, run_sweep  # pylint: disable=g-import-not-at-top
-from qreg import bound, cli, data, objectives, ptq, report  # pylint: disable=g-import-not-at-top
+from qreg import bound, checkpoint, cli, data, objectives, ptq, report  # pylint: disable=g-import-not-at-top
 
 WIDTHS = (8, 6, 5, 4, 3, 2)
+NUM_BATCHES = 4
 TERMS = ("weights", "activations", "both")
 
 
@@ -114,10 +116,30 @@ def run_tightness(workdir: str, num_batches: int = 4, widths=WIDTHS) -> dict:
           "per_channel": setup.per_channel}
 
 
-def read_or_measure(roots: list[str], num_batches: int) -> dict:
-  """{method: {seed: run_tightness}} of every finished run under the roots (a method found
-  under an earlier root is not read again), each kept beside its results as tightness.json (a
-  run measured already is read, not measured again)."""
+def measure(run_dir: str, num_batches: int = NUM_BATCHES) -> dict:
+  """The run's run_tightness, kept beside its results as tightness.json (and archived with
+  them), so that a run restored without its checkpoint still has it; read, not measured again,
+  where an earlier call wrote it over as many batches. A study measures it as each run ends."""
+  path = os.path.join(run_dir, "tightness.json")
+  try:
+    with open(path) as f:
+      found = json.load(f)
+  except (OSError, ValueError):
+    found = None
+  if not isinstance(found, dict) or found.get("batches") != num_batches:
+    print(f"=== {run_dir}: bound tightness ===", flush=True)
+    found = run_tightness(run_dir, num_batches)
+    report.write_json_atomic(path, found)
+    archive.save(run_dir)
+    jax.clear_caches()
+  return found
+
+
+def read_or_measure(roots: list[str], num_batches: int = NUM_BATCHES) -> dict:
+  """{method: {seed: measure}} of every finished run under the roots (a method found under an
+  earlier root is not read again). A run that was never measured and has no checkpoint of its
+  trained model (restored from experiments.archive) is left out, with a line saying so; the
+  tables then name the seeds each method has."""
   runs = collections.OrderedDict()
   for root, method in [(root, m) for root in roots for m in sorted(os.listdir(root))]:
     method_dir = os.path.join(root, method)
@@ -127,18 +149,22 @@ def read_or_measure(roots: list[str], num_batches: int) -> dict:
       run_dir = os.path.join(method_dir, name)
       if not (name.startswith("seed") and run_sweep.is_finished(run_dir)):
         continue
-      path = os.path.join(run_dir, "tightness.json")
-      found = report.read_finished_results(path) if os.path.exists(path) else None
-      if found is None or found.get("batches") != num_batches:
-        print(f"=== {method}/{name}: bound tightness ===", flush=True)
-        found = run_tightness(run_dir, num_batches)
-        report.write_json_atomic(path, found)
-        archive.save(run_dir)
-        jax.clear_caches()
+      try:
+        found = measure(run_dir, num_batches)
+      except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        print(f"=== {method}/{name}: left out of the tightness: {e}", flush=True)
+        continue
       runs.setdefault(method, {})[int(name[4:])] = found
   if not runs:
     raise FileNotFoundError(f"No finished runs under {', '.join(roots)} (<method>/seed<s>).")
   return runs
+
+
+def _label(method: str, seeds, runs: dict) -> str:
+  """The method's name, with its seeds where it has fewer than the method with the most."""
+  if len(seeds) == max(len(s) for s in runs.values()):
+    return method
+  return f"{method} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))})"
 
 
 def ratios(runs: dict) -> dict:
@@ -159,7 +185,7 @@ def markdown(runs: dict) -> str:
                                          for b in WIDTHS) + " |",
               "|---|" + "---|" * len(WIDTHS)]
     for method, by_term in table.items():
-      lines.append(f"| {method} | " + " | ".join(
+      lines.append(f"| {_label(method, runs[method], runs)} | " + " | ".join(
           "{:.3f} ± {:.3f}".format(*make_tables.mean_std(by_term[term][b])) for b in WIDTHS) + " |")
     lines.append("")
   lines += ["## Predicted and measured loss increase (both terms), mean over seeds\n",
@@ -169,7 +195,7 @@ def markdown(runs: dict) -> str:
     cells = [f"{np.mean([s['predicted']['both'][str(b)] for s in seeds.values()]):.3g} / "
              f"{np.mean([s['measured']['both'][str(b)] for s in seeds.values()]):.3g}"
              for b in WIDTHS]
-    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append(f"| {_label(method, seeds, runs)} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -180,7 +206,7 @@ def plot(runs: dict, path: str, title: str = "") -> None:
     for i, (method, by_term) in enumerate(table.items()):
       stats = [make_tables.mean_std(by_term[term][b]) for b in WIDTHS]
       ax.errorbar(WIDTHS, [m for m, _ in stats], yerr=[s for _, s in stats], fmt="-o",
-                  capsize=3, color=f"C{i}", label=method)
+                  capsize=3, color=f"C{i}", label=_label(method, runs[method], runs))
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_yscale("symlog", linthresh=0.01)
     ax.set_xlabel("bits")
@@ -195,7 +221,8 @@ def plot(runs: dict, path: str, title: str = "") -> None:
   plt.close(fig)
 
 
-def write_tightness(roots: list[str], out: str, num_batches: int = 4, title: str = "") -> str:
+def write_tightness(roots: list[str], out: str, num_batches: int = NUM_BATCHES,
+                    title: str = "") -> str:
   runs = read_or_measure(roots, num_batches)
   os.makedirs(out, exist_ok=True)
   report.write_json_atomic(os.path.join(out, "tightness.json"),
@@ -210,5 +237,5 @@ if __name__ == "__main__":
   _WORKDIRS = flags.DEFINE_list("workdirs", None, "Tables' roots (<method>/seed<s> runs).",
                                 required=True)
   _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
-  _BATCHES = flags.DEFINE_integer("batches", 4, "Evaluation batches to average over.")
+  _BATCHES = flags.DEFINE_integer("batches", NUM_BATCHES, "Evaluation batches to average over.")
   cli.run(lambda argv: print(write_tightness(_WORKDIRS.value, _OUT.value, _BATCHES.value)))

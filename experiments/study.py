@@ -145,7 +145,18 @@ def resweeps(protocols: dict[str, tuple[str, ...] | None]) -> Callable[[str], No
   return after_run
 
 
+def chain(*hooks: Callable[[str], None]) -> Callable[[str], None]:
+  """run_sweep's after_run: each hook in turn."""
+  def after_run(run_dir: str) -> None:
+    for hook in hooks:
+      hook(run_dir)
+  return after_run
+
+
 STRONG = resweeps({"strong": None})
+# The bound's tightness (experiments.bound_tightness) of a run of a table, measured as it ends
+# while its checkpoint is there: an archived run keeps its tightness.json, not its checkpoint.
+STRONG_TIGHTNESS = chain(STRONG, bound_tightness.measure)
 
 
 def network_table(workdir: str, net: str,
@@ -159,7 +170,8 @@ def network_table(workdir: str, net: str,
              run_sweep.load_sweep(_table("tuned", f"net={net}"), choices),
              os.path.join(root, "tuned"))
   run_sweep.run_sweep(_table("tuned", f"net={net}"), os.path.join(root, "tuned"),
-                      choices=choices, after_run=resweeps({"strong": None, **(protocols or {})}))
+                      choices=choices, after_run=chain(resweeps({"strong": None, **(protocols or {})}),
+                                                       bound_tightness.measure))
   both_protocols(os.path.join(root, "tuned"), os.path.join(RESULTS, network.tables))
   if net in table1.NETWORKS:
     print(table1.write_table1(), flush=True)
@@ -212,7 +224,7 @@ def bound_penalty(workdir: str, net: str) -> None:
     sweep = run_sweep.load_sweep(_table("tuned", f"net={net}"), choices)
     share_tuned_runs(root, net, sweep, os.path.join(root, "bound_transfer"))
     run_sweep.run_sweep(sweep.spec, os.path.join(root, "bound_transfer"), choices=choices,
-                        after_run=STRONG)
+                        after_run=STRONG_TIGHTNESS)
     both_protocols(os.path.join(root, "bound_transfer"),
                    os.path.join(RESULTS, _network(net).tables, "bound_transfer"))
     print(bound_transfer.write_transfer(), flush=True)
@@ -254,7 +266,7 @@ def grid_extension(workdir: str, net: str, ext: str) -> None:
   share_tuned_runs(root, net, run_sweep.load_sweep(_table("tuned", f"net={net}"), choices),
                    os.path.join(root, ext))
   run_sweep.run_sweep(_table("tuned", f"net={net}"), os.path.join(root, ext), choices=choices,
-                      after_run=STRONG)
+                      after_run=STRONG_TIGHTNESS)
   both_protocols(os.path.join(root, ext), out)
 
 
@@ -344,7 +356,7 @@ def tuned_no_reg_runs(root: str, net: str) -> run_sweep.Sweep:
   choices = run_sweep.read_choices(os.path.join(RESULTS, _network(net).tuning, "choices.json"))
   return run_sweep.run_sweep(_table("tuned", f"net={net}"), os.path.join(root, "tuned"),
                              choices=choices, only=[f"no-reg/seed{seed}" for seed in tuned.SEEDS],
-                             after_run=STRONG)
+                             after_run=STRONG_TIGHTNESS)
 
 
 # Grid extensions whose rows are the tuned table's runs at their own choices (grid_extension).

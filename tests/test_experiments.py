@@ -724,6 +724,29 @@ def test_bound_tightness_weight_terms_against_a_naive_gradient_and_rounding(refe
   assert found["float_loss"] == pytest.approx(loss(folded), rel=1e-6)
 
 
+def test_bound_tightness_is_kept_beside_the_run_and_a_run_without_its_checkpoint_is_left_out(
+    reference_run, tmp_path, monkeypatch, capsys):
+  _, workdir, _ = reference_run
+  root = tmp_path / "sweep"
+  for name in ("a/seed0", "a/seed1", "b/seed0", "b/seed1"):
+    shutil.copytree(workdir, root / name)
+  first = bound_tightness.measure(str(root / "a" / "seed0"), num_batches=1)
+  with open(root / "a" / "seed0" / "tightness.json") as f:
+    assert json.load(f) == first
+  for name in ("a/seed1", "b/seed0"):
+    shutil.copy(root / "a" / "seed0" / "tightness.json", root / name / "tightness.json")
+  shutil.rmtree(root / "b" / "seed1" / "checkpoints")  # as a run restored from the archive
+  with monkeypatch.context() as patch:
+    patch.setattr(bound_tightness, "run_tightness", lambda *a, **k: pytest.fail("measured again"))
+    assert bound_tightness.measure(str(root / "a" / "seed0"), num_batches=1) == first
+  capsys.readouterr()
+  runs = bound_tightness.read_or_measure([str(root)], num_batches=1)
+  assert sorted(runs["a"]) == [0, 1] and sorted(runs["b"]) == [0]
+  assert "b/seed1: left out of the tightness: No checkpoint" in capsys.readouterr().out
+  table = bound_tightness.markdown(runs)
+  assert "| a | " in table and "| b (seed 0) | " in table
+
+
 def test_bound_transfer_pairs_the_transferred_rows_with_the_own_choice_per_seed(tmp_path,
                                                                                  monkeypatch):
   monkeypatch.setattr(bound_transfer, "RESULTS", str(tmp_path))

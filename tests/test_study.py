@@ -88,6 +88,9 @@ def test_network_table_study_end_to_end_and_resumed(tiny_study):
     assert {m: [r["seed"] for r in runs] for m, runs in per_seed.items()} == {
         "no-reg": [0, 1], "l1": [0, 1]}
     assert (results / "tiny" / protocol / "gains.md").exists()
+  for run in ("no-reg/seed0", "l1/seed1"):  # the bound's tightness, measured as each run ended
+    tightness = json.loads((workdir / "tiny" / "tuned" / run / "tightness.json").read_text())
+    assert set(tightness["measured"]["both"]) == {"8", "6", "5", "4", "3", "2"}
   strong = json.loads((workdir / "tiny" / "tuned" / "l1" / "seed1" / "results_strong.json").read_text())
   assert strong["config"]["quant"]["per_channel"] and strong["config"]["quant"]["bias_correction"]
 
@@ -120,11 +123,12 @@ def test_a_study_resumes_from_its_archive_in_a_fresh_workdir(tiny_study, tmp_pat
   study.run_study("network_table", str(workdir), "tiny", archive_dir=str(archived))
   tables = {p: (results / "tiny" / p / "table.md").read_text() for p in ("paper", "strong")}
   assert (archived / "tiny" / "tuned" / "l1" / "seed1" / "results_strong.json").exists()
+  assert (archived / "tiny" / "tuned" / "l1" / "seed1" / "tightness.json").exists()
   shutil.rmtree(workdir)
   capsys.readouterr()
   study.run_study("network_table", str(workdir), "tiny", archive_dir=str(archived))
   out = capsys.readouterr().out
-  assert "runs to train" not in out and ": strong ===" not in out
+  assert "runs to train" not in out and ": strong ===" not in out and "tightness ===" not in out
   assert {p: (results / "tiny" / p / "table.md").read_text() for p in tables} == tables
   machines = json.loads((results / "tiny" / "paper" / "machines.json").read_text())
   assert list(machines.values()) == [4]  # this machine: no-reg and l1, 2 seeds
