@@ -67,9 +67,10 @@ def _loss(apply_fn, variables, batch) -> float:
   return float(_loss_of(apply_fn, variables, batch))
 
 
-def run_tightness(workdir: str, num_batches: int = 4, widths=WIDTHS) -> dict:
+def run_tightness(workdir: str, num_batches: int = NUM_BATCHES, widths=None) -> dict:
   """{'predicted': {term: {b: value}}, 'measured': {term: {b: value}}, 'float_loss'} of one
-  run (module docstring)."""
+  run (module docstring), at each width of `widths` (default WIDTHS)."""
+  widths = WIDTHS if widths is None else widths
   run = run_sweep.load_finished_run(workdir)
   config, model = run.config, run.model
   params, batch_stats = run.variables["params"], run.variables.get("batch_stats", {})
@@ -116,10 +117,11 @@ def run_tightness(workdir: str, num_batches: int = 4, widths=WIDTHS) -> dict:
           "per_channel": setup.per_channel}
 
 
-def measure(run_dir: str, num_batches: int = NUM_BATCHES) -> dict:
+def measure(run_dir: str, num_batches: int | None = None) -> dict:
   """The run's run_tightness, kept beside its results as tightness.json (and archived with
   them), so that a run restored without its checkpoint still has it; read, not measured again,
   where an earlier call wrote it over as many batches. A study measures it as each run ends."""
+  num_batches = NUM_BATCHES if num_batches is None else num_batches
   path = os.path.join(run_dir, "tightness.json")
   try:
     with open(path) as f:
