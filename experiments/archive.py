@@ -23,7 +23,6 @@ import datetime
 import functools
 import json
 import os
-import platform
 import shutil
 import subprocess
 
@@ -48,13 +47,7 @@ def enabled() -> bool:
 @functools.cache
 def _machine() -> dict:
   """Where this process runs; the same for its whole life, so read once."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                 cpu)
-  except OSError:
-    pass
+  cpu = report.cpu_model()
   try:
     commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], check=True,
                             capture_output=True, text=True).stdout.strip()

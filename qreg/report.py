@@ -221,14 +221,21 @@ def load_results(workdir: str) -> Results:
   return _read_results(path)
 
 
-def _cpu_model() -> str:
-  """The CPU's model name: trained numbers differ between CPU models."""
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The CPU's model name, with its family, model and stepping where the CPU reports them:
+  trained numbers differ between CPU models, and two of them can share a name ("AMD EPYC")."""
+  fields = {}
   with contextlib.suppress(OSError):
-    with open("/proc/cpuinfo") as f:
+    with open(cpuinfo) as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  return platform.processor() or platform.machine()
+        if not line.strip():
+          break  # the first processor's block
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+  name = fields.get("model name") or platform.processor() or platform.machine()
+  ids = [f"{key} {fields[field]}" for key, field in
+         (("family", "cpu family"), ("model", "model"), ("stepping", "stepping")) if field in fields]
+  return f"{name} ({', '.join(ids)})" if ids else name
 
 
 def environment() -> dict[str, Any]:
@@ -236,7 +243,7 @@ def environment() -> dict[str, Any]:
   device = jax.devices()[0]
   return {**{name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax")},
           "backend": jax.default_backend(),
-          "device_kind": _cpu_model() if device.platform == "cpu" else device.device_kind,
+          "device_kind": cpu_model() if device.platform == "cpu" else device.device_kind,
           "device_count": jax.device_count(), "process_count": jax.process_count()}
 
 

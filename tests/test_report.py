@@ -3,6 +3,7 @@ environment they were made in."""
 import json
 import logging
 import os
+import platform
 
 import jax
 import pytest
@@ -54,3 +55,13 @@ def test_environment_says_where_results_were_made():
   assert environment["backend"] == jax.default_backend()
   if jax.default_backend() == "cpu":
     assert environment["device_kind"] not in ("", "cpu")  # the CPU's model name
+
+
+def test_cpu_model_names_the_family_model_and_stepping_of_the_first_processor(tmp_path):
+  block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\n"
+           "model name\t: AMD EPYC\nstepping\t: 2\nflags\t\t: fpu sse\n\n")
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text(block.format(n=0) + block.format(n=1).replace("model\t\t: 1", "model\t\t: 49"))
+  assert report.cpu_model(str(cpuinfo)) == "AMD EPYC (family 23, model 1, stepping 2)"
+  cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n\n")  # aarch64
+  assert report.cpu_model(str(cpuinfo)) == (platform.processor() or platform.machine())
