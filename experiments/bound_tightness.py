@@ -137,7 +137,7 @@ def measure(run_dir: str, num_batches: int | None = None) -> dict:
   return found
 
 
-def read_or_measure(roots: list[str], num_batches: int = NUM_BATCHES) -> dict:
+def read_or_measure(roots: list[str], num_batches: int | None = None) -> dict:
   """{method: {seed: measure}} of every finished run under the roots (a method found under an
   earlier root is not read again). A run that was never measured and has no checkpoint of its
   trained model (restored from experiments.archive) is left out, with a line saying so; the
@@ -223,7 +223,7 @@ def plot(runs: dict, path: str, title: str = "") -> None:
   plt.close(fig)
 
 
-def write_tightness(roots: list[str], out: str, num_batches: int = NUM_BATCHES,
+def write_tightness(roots: list[str], out: str, num_batches: int | None = None,
                     title: str = "") -> str:
   runs = read_or_measure(roots, num_batches)
   os.makedirs(out, exist_ok=True)
