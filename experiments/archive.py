@@ -109,6 +109,25 @@ def save(run_dir: str) -> None:
     _note(target, copied)
 
 
+def kept(run_dir: str, name: str, batches: int, compute) -> dict:
+  """A finished run's record computed from its checkpoint (compute(): a dict whose "batches"
+  says over how many batches), kept as run_dir/name and archived with the run's records, so that
+  a run restored without its checkpoint still has it; read, not computed again, where an earlier
+  call wrote it over as many batches."""
+  path = os.path.join(run_dir, name)
+  try:
+    with open(path) as f:
+      found = json.load(f)
+  except (OSError, ValueError):
+    found = None
+  if isinstance(found, dict) and found.get("batches") == batches:
+    return found
+  found = compute()
+  report.write_json_atomic(path, found)
+  save(run_dir)
+  return found
+
+
 def save_checkpoint(step_dir: str) -> None:
   """Archives a checkpoint directory (a warm start's source), once."""
   target = _target(step_dir)

@@ -25,7 +25,6 @@ tightness.md (the ratio measured / predicted, mean ± std over seeds, per term),
 """
 import collections
 import functools
-import json
 import os
 
 import jax
@@ -118,23 +117,17 @@ def run_tightness(workdir: str, num_batches: int = NUM_BATCHES, widths=None) -> 
 
 
 def measure(run_dir: str, num_batches: int | None = None) -> dict:
-  """The run's run_tightness, kept beside its results as tightness.json (and archived with
-  them), so that a run restored without its checkpoint still has it; read, not measured again,
-  where an earlier call wrote it over as many batches. A study measures it as each run ends."""
+  """The run's run_tightness, kept beside its results as tightness.json (archive.kept). A study
+  measures it as each run ends."""
   num_batches = NUM_BATCHES if num_batches is None else num_batches
-  path = os.path.join(run_dir, "tightness.json")
-  try:
-    with open(path) as f:
-      found = json.load(f)
-  except (OSError, ValueError):
-    found = None
-  if not isinstance(found, dict) or found.get("batches") != num_batches:
+
+  def compute():
     print(f"=== {run_dir}: bound tightness ===", flush=True)
     found = run_tightness(run_dir, num_batches)
-    report.write_json_atomic(path, found)
-    archive.save(run_dir)
     jax.clear_caches()
-  return found
+    return found
+
+  return archive.kept(run_dir, "tightness.json", num_batches, compute)
 
 
 def read_or_measure(roots: list[str], num_batches: int | None = None) -> dict:

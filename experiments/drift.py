@@ -26,7 +26,6 @@ the same seed (same initialization and batches), from their last checkpoints:
 What this needs of each run (its terms and norms) is kept beside it as drift_terms.json and
 archived with its records: drift is computed again from them where the checkpoints are gone.
 """
-import json
 import os
 from collections.abc import Sequence
 
@@ -148,25 +147,18 @@ RECORD = "drift_terms.json"
 
 def load(workdir: str, num_batches: int = NUM_BATCHES) -> dict:
   """A run's record from its last checkpoint, its gradient terms on the first training batches;
-  read from workdir/RECORD where an earlier call wrote it."""
-  path = os.path.join(workdir, RECORD)
-  try:
-    with open(path) as f:
-      found = json.load(f)
-    if found.get("batches") == num_batches:
-      return found
-  except (OSError, ValueError):
-    pass
-  run = run_sweep.load_finished_run(workdir)
-  pipeline = data.build_input_pipeline(run.config.data)
-  batches = [(b["image"], b["label"]) for b in pipeline.eval_batches(
-      run.config.data.batch_size, split="train", num_batches=num_batches)]
-  params, batch_stats = run.variables["params"], run.variables["batch_stats"]
-  found = {**record(params, gradient_terms(params, batch_stats, run.model.apply, batches)),
-           "batches": num_batches}
-  report.write_json_atomic(path, found)
-  archive.save(workdir)
-  return found
+  kept as workdir/RECORD (archive.kept)."""
+
+  def compute():
+    run = run_sweep.load_finished_run(workdir)
+    pipeline = data.build_input_pipeline(run.config.data)
+    batches = [(b["image"], b["label"]) for b in pipeline.eval_batches(
+        run.config.data.batch_size, split="train", num_batches=num_batches)]
+    params, batch_stats = run.variables["params"], run.variables["batch_stats"]
+    return {**record(params, gradient_terms(params, batch_stats, run.model.apply, batches)),
+            "batches": num_batches}
+
+  return archive.kept(workdir, RECORD, num_batches, compute)
 
 
 def drift(references: Sequence[str], runs: Sequence[str], labels: Sequence[str], out: str) -> str:

@@ -294,6 +294,29 @@ def test_a_run_that_trains_as_a_finished_one_reuses_its_training(tiny_sweep, tmp
                                                                         (4, 4)]
 
 
+def test_archive_kept_computes_a_record_once_per_batch_count_and_archives_it(tmp_path):
+  run_dir, archived = tmp_path / "work" / "run", tmp_path / "archive"
+  run_dir.mkdir(parents=True)
+  calls = []
+
+  def compute(batches):
+    calls.append(batches)
+    return {"value": len(calls), "batches": batches}
+
+  try:
+    archive.configure(str(tmp_path / "work"), str(archived))
+    assert archive.kept(str(run_dir), "rec.json", 2, lambda: compute(2)) == {"value": 1, "batches": 2}
+    assert archive.kept(str(run_dir), "rec.json", 2, lambda: compute(2)) == {"value": 1, "batches": 2}
+    assert json.loads((archived / "run" / "rec.json").read_text()) == {"value": 1, "batches": 2}
+    assert archive.kept(str(run_dir), "rec.json", 3, lambda: compute(3))["value"] == 2
+    (run_dir / "rec.json").write_text("[1, 2]")  # not a record: computed again
+    assert archive.kept(str(run_dir), "rec.json", 3, lambda: compute(3))["value"] == 3
+    assert calls == [2, 3, 3]
+    assert set(json.loads((archived / "run" / "archive.json").read_text())) == {"rec.json"}
+  finally:
+    archive.configure(None, None)
+
+
 def test_archive_resumes_a_sweep_in_a_fresh_workdir(tiny_sweep, tmp_path, capsys):
   """A session trains base/seed0 with archiving on, and its workdir is lost. The next one, in an
   empty workdir, gets base/seed0's records back (not retrained), warm-starts l1/seed0 from the
