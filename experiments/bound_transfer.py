@@ -11,7 +11,8 @@ bound/tuning/choices.json) and at SmallCNN's choice applied unchanged
 network and form, the two reference widths, each one's test accuracy (mean ± std over seeds) at
 POINTS, and the paired difference transferred minus own per seed (the runs of seed s
 warm-start from the same no-reg run). Where the two choices are the same width, the rows are the
-same runs and the difference is 0.
+same runs and the difference is 0. A seed whose run has no results (its training diverged: the
+study leaves diverged.json in its place) is left out of the means; the `seeds` column says which.
 """
 import os
 
@@ -49,7 +50,9 @@ def network_rows(net: str) -> list[dict]:
     if not all(form in r for r in runs.values()):
       continue
     row = {"network": net, "form": form, "own_bits": own_bits[form],
-           "transferred_bits": source_bits[form], "points": {}}
+           "transferred_bits": source_bits[form], "points": {},
+           "own_seeds": sorted(r["seed"] for r in runs["bound", "paper"][form]),
+           "transferred_seeds": sorted(r["seed"] for r in runs["bound_transfer", "paper"][form])}
     for protocol, setting in POINTS:
       own = make_tables.seed_accuracies(runs["bound", protocol][form], setting)
       moved = make_tables.seed_accuracies(runs["bound_transfer", protocol][form], setting)
@@ -67,17 +70,27 @@ def markdown(rows: list[dict]) -> str:
     return "No network has both its own and the transferred bound rows yet.\n"
   names = list(rows[0]["points"])
   lines = ["Test accuracy (%), mean ± std over seeds: own choice → SmallCNN's choice; then the "
-           "paired difference (transferred − own), mean ± std and each seed.\n",
-           "| network | form | widths (own → SmallCNN's) | " + " | ".join(names) + " |",
-           "|---|---|---|" + "---|" * len(names)]
+           "paired difference (transferred − own), mean ± std and each seed in the order of the "
+           "seeds column (a seed missing on the right of → has no transferred results: its "
+           "training diverged).\n",
+           "| network | form | widths (own → SmallCNN's) | seeds (own → SmallCNN's) | "
+           + " | ".join(names) + " |",
+           "|---|---|---|---|" + "---|" * len(names)]
   for row in rows:
     cells = []
     for name in names:
       p = row["points"][name]
-      cells.append(f"{p['own'][0]:.2f} ± {p['own'][1]:.2f} → {p['transferred'][0]:.2f} ± "
-                   f"{p['transferred'][1]:.2f}; " + make_tables.paired_cell(p["per_seed"].values()))
+      if len(p["per_seed"]) > 1:
+        cells.append(f"{p['own'][0]:.2f} ± {p['own'][1]:.2f} → {p['transferred'][0]:.2f} ± "
+                     f"{p['transferred'][1]:.2f}; " + make_tables.paired_cell(p["per_seed"].values()))
+      else:  # one seed: no spread to state
+        (difference,) = p["per_seed"].values()
+        cells.append(f"{p['own'][0]:.2f} ± {p['own'][1]:.2f} → {p['transferred'][0]:.2f}; "
+                     f"{difference:+.2f}")
+    seeds = lambda key: ", ".join(str(s) for s in row[key]) or "none"
     lines.append(f"| {row['network']} | {row['form']} | {row['own_bits']} → "
-                 f"{row['transferred_bits']} | " + " | ".join(cells) + " |")
+                 f"{row['transferred_bits']} | {seeds('own_seeds')} → {seeds('transferred_seeds')} | "
+                 + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 

@@ -794,6 +794,8 @@ def test_bound_transfer_pairs_the_transferred_rows_with_the_own_choice_per_seed(
       for form in bound_transfer.FORMS[:2]:  # layer-bound has no rows: left out
         runs = []
         for seed in (2, 0, 1):
+          if (kind, form, seed) == ("bound_transfer", "bound", 1):
+            continue  # diverged: no results
           values = rng.uniform(0.1, 0.9, len(settings))
           acc[kind, protocol, form, seed] = values
           runs.append({"seed": seed, "rows": [{"weight_bits": w, "act_bits": a, "accuracy": v}
@@ -806,8 +808,11 @@ def test_bound_transfer_pairs_the_transferred_rows_with_the_own_choice_per_seed(
       ("resnet18", "bound", 10, 8), ("resnet18", "bound-diff", 8, 8)]
   i = bound_transfer.POINTS.index(("strong", (2, 2)))
   naive = [100 * (acc["bound_transfer", "strong", "bound", s][i]
-                  - acc["bound", "strong", "bound", s][i]) for s in (0, 1, 2)]
+                  - acc["bound", "strong", "bound", s][i]) for s in (0, 2)]
   point = rows[0]["points"]["strong (2,2)"]
+  assert list(point["per_seed"]) == ["0", "2"]  # JSON keys
+  assert (rows[0]["own_seeds"], rows[0]["transferred_seeds"]) == ([0, 1, 2], [0, 2])
+  assert "| resnet18 | bound | 10 → 8 | 0, 1, 2 → 0, 2 | " in table
   np.testing.assert_allclose(list(point["per_seed"].values()), naive, rtol=1e-12)
   np.testing.assert_allclose(point["difference"], [np.mean(naive), np.std(naive, ddof=1)])
   assert f"{np.mean(naive):+.2f} ± {np.std(naive, ddof=1):.2f} (" in table
