@@ -19,6 +19,10 @@ Each value is the mean over the batches. The bound holds to first order for any 
 the worst-case signs; a measured/predicted ratio well below 1 says how far rounding's errors
 are from that worst case, a ratio above 1 that second-order terms dominate.
 
+A run restored from experiments.archive without its trained model is left out, or with
+--rebuild measured on its twin (experiments.run_sweep.rebuild_twin: retrained from its archived
+warm start; its tightness record says whether the twin reproduced the run's results).
+
 Writes to --out: tightness.json (per method, seed and width: predicted and measured per term),
 tightness.md (the ratio measured / predicted, mean ± std over seeds, per term), tightness.png
 (that ratio against bits, one panel per term, one line per method).
@@ -116,40 +120,52 @@ def run_tightness(workdir: str, num_batches: int = NUM_BATCHES, widths=None) -> 
           "per_channel": setup.per_channel}
 
 
-def measure(run_dir: str, num_batches: int | None = None) -> dict:
+def measure(run_dir: str, num_batches: int | None = None, rebuild: bool = False) -> dict:
   """The run's run_tightness, kept beside its results as tightness.json (archive.kept). A study
-  measures it as each run ends."""
+  measures it as each run ends. With rebuild, a run restored without its trained model is
+  measured on its twin (run_sweep.rebuild_twin), whose record the tightness's "twin" keeps."""
   num_batches = NUM_BATCHES if num_batches is None else num_batches
 
   def compute():
+    model_dir = run_sweep.trained_model_dir(run_dir, rebuild)
     print(f"=== {run_dir}: bound tightness ===", flush=True)
-    found = run_tightness(run_dir, num_batches)
+    found = run_tightness(model_dir, num_batches)
+    if model_dir != run_dir:
+      found["twin"] = run_sweep.read_twin_record(model_dir)
     jax.clear_caches()
     return found
 
   return archive.kept(run_dir, "tightness.json", num_batches, compute)
 
 
-def read_or_measure(roots: list[str], num_batches: int | None = None) -> dict:
+def read_or_measure(roots: list[str], num_batches: int | None = None,
+                    rebuild: bool = False) -> dict:
   """{method: {seed: measure}} of every finished run under the roots (a method found under an
   earlier root is not read again). A run that was never measured and has no checkpoint of its
-  trained model (restored from experiments.archive) is left out, with a line saying so; the
-  tables then name the seeds each method has."""
-  runs = collections.OrderedDict()
+  trained model (restored from experiments.archive) is left out, with a line saying so, and the
+  tables then name the seeds each method has; with rebuild it is measured on its twin instead
+  (measure), the workers of a study sharing the twins (run_sweep.for_each_claimed)."""
+  found_runs, methods = [], set()
   for root, method in [(root, m) for root in roots for m in sorted(os.listdir(root))]:
     method_dir = os.path.join(root, method)
-    if not os.path.isdir(method_dir) or method in runs:
+    if not os.path.isdir(method_dir) or method in methods:
       continue
+    methods.add(method)
     for name in sorted(os.listdir(method_dir)):
       run_dir = os.path.join(method_dir, name)
-      if not (name.startswith("seed") and run_sweep.is_finished(run_dir)):
-        continue
-      try:
-        found = measure(run_dir, num_batches)
-      except (FileNotFoundError, checkpoint.CheckpointError) as e:
-        print(f"=== {method}/{name}: left out of the tightness: {e}", flush=True)
-        continue
-      runs.setdefault(method, {})[int(name[4:])] = found
+      if name.startswith("seed") and run_sweep.is_finished(run_dir):
+        found_runs.append((method, name, run_dir))
+  if rebuild:
+    run_sweep.for_each_claimed([d for _, _, d in found_runs], lambda d: d,
+                               lambda d: measure(d, num_batches, rebuild=True))
+  runs = collections.OrderedDict()
+  for method, name, run_dir in found_runs:
+    try:
+      found = measure(run_dir, num_batches)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+      print(f"=== {method}/{name}: left out of the tightness: {e}", flush=True)
+      continue
+    runs.setdefault(method, {})[int(name[4:])] = found
   if not runs:
     raise FileNotFoundError(f"No finished runs under {', '.join(roots)} (<method>/seed<s>).")
   return runs
@@ -217,8 +233,8 @@ def plot(runs: dict, path: str, title: str = "") -> None:
 
 
 def write_tightness(roots: list[str], out: str, num_batches: int | None = None,
-                    title: str = "") -> str:
-  runs = read_or_measure(roots, num_batches)
+                    title: str = "", rebuild: bool = False) -> str:
+  runs = read_or_measure(roots, num_batches, rebuild)
   os.makedirs(out, exist_ok=True)
   report.write_json_atomic(os.path.join(out, "tightness.json"),
                            {m: {str(s): r for s, r in seeds.items()} for m, seeds in runs.items()})
@@ -233,4 +249,7 @@ if __name__ == "__main__":
                                 required=True)
   _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
   _BATCHES = flags.DEFINE_integer("batches", NUM_BATCHES, "Evaluation batches to average over.")
-  cli.run(lambda argv: print(write_tightness(_WORKDIRS.value, _OUT.value, _BATCHES.value)))
+  _REBUILD = flags.DEFINE_bool("rebuild", False, "Measure a run restored without its trained "
+                               "model on its twin, retrained from its archived warm start.")
+  cli.run(lambda argv: print(write_tightness(_WORKDIRS.value, _OUT.value, _BATCHES.value,
+                                             rebuild=_REBUILD.value)))

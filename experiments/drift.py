@@ -145,24 +145,33 @@ def compare(reference: dict, regularized: dict) -> dict:
 RECORD = "drift_terms.json"
 
 
-def load(workdir: str, num_batches: int = NUM_BATCHES) -> dict:
+def load(workdir: str, num_batches: int = NUM_BATCHES, rebuild: bool = False) -> dict:
   """A run's record from its last checkpoint, its gradient terms on the first training batches;
-  kept as workdir/RECORD (archive.kept)."""
+  kept as workdir/RECORD (archive.kept). With rebuild, a run restored without its trained model
+  is read from its twin (run_sweep.rebuild_twin), whose record the drift's "twin" keeps."""
 
   def compute():
-    run = run_sweep.load_finished_run(workdir)
+    model_dir = run_sweep.trained_model_dir(workdir, rebuild)
+    run = run_sweep.load_finished_run(model_dir)
     pipeline = data.build_input_pipeline(run.config.data)
     batches = [(b["image"], b["label"]) for b in pipeline.eval_batches(
         run.config.data.batch_size, split="train", num_batches=num_batches)]
     params, batch_stats = run.variables["params"], run.variables["batch_stats"]
+    twin = {"twin": run_sweep.read_twin_record(model_dir)} if model_dir != workdir else {}
     return {**record(params, gradient_terms(params, batch_stats, run.model.apply, batches)),
-            "batches": num_batches}
+            "batches": num_batches, **twin}
 
   return archive.kept(workdir, RECORD, num_batches, compute)
 
 
-def drift(references: Sequence[str], runs: Sequence[str], labels: Sequence[str], out: str) -> str:
-  """drift.json and drift.md in out: each run against its reference (same seed)."""
+def drift(references: Sequence[str], runs: Sequence[str], labels: Sequence[str], out: str,
+          rebuild: bool = False) -> str:
+  """drift.json and drift.md in out: each run against its reference (same seed). With rebuild,
+  runs restored without their trained model are read from their twins (load), the workers of a
+  study sharing them (run_sweep.for_each_claimed)."""
+  if rebuild:
+    run_sweep.for_each_claimed(list(dict.fromkeys([*references, *runs])), lambda d: d,
+                               lambda d: load(d, rebuild=True))
   rows = []
   for reference, run, label in zip(references, runs, labels):
     rows.append({"label": label, "run": run, "reference": reference,

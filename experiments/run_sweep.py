@@ -196,9 +196,72 @@ def load_finished_run(run_dir: str) -> checkpoint.Run:
     raise FileNotFoundError(
         f"{run_dir} has no checkpoint of its trained model: its results are of step {step}, its "
         f"latest checkpoint is of step {run.step} (a run restored from experiments.archive keeps "
-        "only the one others warm-start from); remove the run from the workdir and the archive "
-        "to retrain it.")
+        "only the one others warm-start from); rebuild it (trained_model_dir) or remove the run "
+        "from the workdir and the archive to retrain it.")
   return run
+
+
+# A finished run's twin, run_dir/TWIN: its trained model rebuilt where only its records were
+# restored (rebuild_twin), with TWIN_RECORD saying whether it reproduced the run's results.
+TWIN = "twin"
+TWIN_RECORD = "twin.json"
+
+
+def has_trained_model(run_dir: str) -> bool:
+  """Whether run_dir holds the checkpoint its results were measured at."""
+  results = report.read_finished_results(os.path.join(run_dir, "results.json"))
+  steps = [int(s) for s in _listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit()]
+  return bool(results and steps) and results.get("step") in (None, max(steps))
+
+
+def trained_model_dir(run_dir: str, rebuild: bool = False) -> str:
+  """Where a finished run's trained model is: run_dir itself, or, with rebuild, where run_dir
+  lacks it (a run restored from experiments.archive), its twin (rebuild_twin)."""
+  return rebuild_twin(run_dir) if rebuild and not has_trained_model(run_dir) else run_dir
+
+
+def rebuild_twin(run_dir: str) -> str:
+  """run_dir/twin: a finished run trained again from its config.json and the checkpoint it
+  started from (its warm start's at reg.start_epoch, or its own; the archive's copy where the
+  workdir lacks it; from scratch where reg.start_epoch is 0), once. Training is deterministic on
+  one CPU model, so there the twin is the run's model; twin/twin.json says whether the twin's
+  results equal the run's at every setting, and the largest difference. Call it under the run's
+  claim (for_each_claimed) where several workers may want the same twin."""
+  twin = os.path.join(run_dir, TWIN)
+  if is_finished(twin) and os.path.exists(os.path.join(twin, TWIN_RECORD)):
+    return twin
+  with open(os.path.join(run_dir, "run.json")) as f:
+    run = json.load(f)
+  config = checkpoint.read_run_config(run_dir)
+  if config.reg.start_epoch and not _listdir(os.path.join(twin, "checkpoints")):
+    real = os.path.realpath(run_dir)  # a linked run's name is relative to its own sweep
+    root = real[:-len(run["name"])] if real.endswith(run["name"]) else None
+    if root is None:
+      raise ValueError(f"{run_dir}: its run.json names it {run['name']!r}, not its path.")
+    source = os.path.join(root, run["warm_start"]) if run.get("warm_start") else real
+    step_dir = start_checkpoint(config, source)
+    found = step_dir if os.path.isdir(step_dir) else archive.archived_checkpoint(step_dir)
+    if found is None:
+      raise FileNotFoundError(f"{run_dir} cannot be rebuilt: {step_dir}, the checkpoint it "
+                              "started from, is neither in the workdir nor in the archive.")
+    shutil.copytree(found, os.path.join(twin, "checkpoints", os.path.basename(step_dir)))
+  print(f"=== {run_dir}: rebuilding its trained model in {TWIN}/ ===", flush=True)
+  main.train_and_evaluate(config, twin)
+  rows = lambda d: {(r["weight_bits"], r["act_bits"]): r["accuracy"]
+                    for r in report.read_finished_results(os.path.join(d, "results.json"))["rows"]}
+  own, rebuilt = rows(run_dir), rows(twin)
+  shared = sorted(set(own) & set(rebuilt), key=str)
+  report.write_json_atomic(os.path.join(twin, TWIN_RECORD), {
+      "identical": own == rebuilt,
+      "max_accuracy_difference": max((abs(own[k] - rebuilt[k]) for k in shared), default=None),
+      "cpu": report.cpu_model()})
+  jax.clear_caches()
+  return twin
+
+
+def read_twin_record(twin: str) -> dict:
+  with open(os.path.join(twin, TWIN_RECORD)) as f:
+    return json.load(f)
 
 
 def _listdir(path: str) -> list[str]:

@@ -31,7 +31,11 @@
 | deployment         | cle_ladder and mixed_precision on one training of the table (each run  |
 |                    | re-swept for both as it ends: what an archived run needs)              |
 | drift              | the bound penalty from the start (configs/tables/drift.py) against the |
-|                    | l1 runs: growth along BatchNorm's free directions (after bound_penalty) |
+|                    | l1 runs: growth along BatchNorm's free directions (after bound_penalty; |
+|                    | restored runs are rebuilt as twins, as by tightness)                   |
+| tightness          | the bound's tightness for every run of the tables (after               |
+|                    | bound_penalty): a run restored without its trained model is retrained  |
+|                    | from its archived warm start (a twin, <run>/twin) and measured on it   |
 | table1             | the cross-network Table 1 from the committed tables                    |
 
 Runs train in --workdir/<net>/<sweep>/<run>; results go to experiments/results/. Every step
@@ -228,13 +232,27 @@ def bound_penalty(workdir: str, net: str) -> None:
     both_protocols(os.path.join(root, "bound_transfer"),
                    os.path.join(RESULTS, _network(net).tables, "bound_transfer"))
     print(bound_transfer.write_transfer(), flush=True)
-  roots = [os.path.join(root, name) for name in ("tuned", "bound", "multibit")
-           if os.path.isdir(os.path.join(root, name))]
-  print(bound_tightness.write_tightness(
-      roots, os.path.join(RESULTS, _network(net).tables, "bound", "tightness"), title=net),
-      flush=True)
+  write_tightness(root, net)
   if net in table1.NETWORKS:
     print(table1.write_table1(), flush=True)
+
+
+def write_tightness(root: str, net: str, rebuild: bool = False) -> None:
+  """The bound's tightness of the network's tables' runs (experiments.bound_tightness)."""
+  roots = [os.path.join(root, name) for name in ("tuned", "bound", "multibit")
+           if os.path.isdir(os.path.join(root, name))]
+  if not roots:
+    raise FileNotFoundError(f"{root} has no tuned, bound or multibit runs: run the bound_penalty "
+                            f"study on {net} first (with --archive, its runs are restored).")
+  print(bound_tightness.write_tightness(
+      roots, os.path.join(RESULTS, _network(net).tables, "bound", "tightness"), title=net,
+      rebuild=rebuild), flush=True)
+
+
+def tightness(workdir: str, net: str) -> None:
+  """write_tightness for every run of the tables, a run restored without its trained model
+  measured on its twin, retrained from its archived warm start (run_sweep.rebuild_twin)."""
+  write_tightness(os.path.join(workdir, net), net, rebuild=True)
 
 
 def transferred_choices() -> dict[str, dict]:
@@ -503,8 +521,8 @@ def drift_runs(workdir: str, net: str) -> None:
         references.append(os.path.join(root, "tuned", "no-reg", f"seed{seed}"))
         runs.append(run_dir)
         labels.append(label)
-  print(drift.drift(references, runs, labels, os.path.join(RESULTS, network.tables, "drift_bound")),
-        flush=True)
+  print(drift.drift(references, runs, labels, os.path.join(RESULTS, network.tables, "drift_bound"),
+                    rebuild=True), flush=True)
 
 
 def write_table1(workdir: str, net: str) -> None:
@@ -527,6 +545,7 @@ STUDIES = {
     "cle_ladder": cle_ladder,
     "deployment": deployment,
     "drift": drift_runs,
+    "tightness": tightness,
     "table1": write_table1,
 }
 

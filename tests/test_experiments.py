@@ -361,6 +361,54 @@ def test_archive_resumes_a_sweep_in_a_fresh_workdir(tiny_sweep, tmp_path, capsys
     archive.configure(None, None)
 
 
+def test_a_restored_run_is_rebuilt_as_a_twin_equal_to_its_trained_model(tiny_sweep, tmp_path,
+                                                                        capsys):
+  """A run restored from the archive lacks its trained model; its twin, retrained from the
+  archived checkpoint it started from (a warm start's, or its own), has the trained weights
+  bit for bit (one machine), and a record says the twin's results equal the run's."""
+  sweep_path, _ = tiny_sweep
+  lost, fresh = tmp_path / "lost" / "runs", tmp_path / "fresh" / "runs"
+  try:
+    archive.configure(str(tmp_path / "lost"), str(tmp_path / "archive"))
+    run_sweep.run_sweep(sweep_path, str(lost), only=["base/seed0", "l1/seed0"])
+    trained = {name: ocp.CheckpointManager(str(lost / name / "checkpoints")).restore(16)
+               for name in ("base/seed0", "l1/seed0")}
+    archive.configure(str(tmp_path / "fresh"), str(tmp_path / "archive"))
+    archive.sync("")
+    for name in ("l1/seed0", "base/seed0"):
+      run_dir = str(fresh / name)
+      assert not run_sweep.has_trained_model(run_dir)
+      assert run_sweep.trained_model_dir(run_dir) == run_dir  # rebuilding is asked for
+      with pytest.raises(checkpoint.CheckpointError, match="No checkpoint"):
+        run_sweep.load_finished_run(run_dir)
+      twin = run_sweep.trained_model_dir(run_dir, rebuild=True)
+      assert twin == os.path.join(run_dir, run_sweep.TWIN)
+      # It started from the archived checkpoint at epoch 1 (8 steps) and trained the rest.
+      assert sorted(os.listdir(os.path.join(twin, "checkpoints"))) == ["16", "8"]
+      chex.assert_trees_all_equal(run_sweep.load_finished_run(twin).variables["params"],
+                                  trained[name]["params"])
+      assert run_sweep.read_twin_record(twin)["identical"] is True
+      assert run_sweep.read_twin_record(twin)["max_accuracy_difference"] == 0
+    capsys.readouterr()
+    assert run_sweep.trained_model_dir(str(fresh / "l1/seed0"), rebuild=True).endswith("twin")
+    assert "rebuilding" not in capsys.readouterr().out  # made once
+    # The twin is neither a run of the sweep's tables nor archived.
+    assert sorted(make_tables.collect(str(fresh))) == ["base", "l1"]
+    assert not (tmp_path / "archive" / "runs" / "l1/seed0" / run_sweep.TWIN).exists()
+    # The tightness of a restored run, measured on its twin, is the trained run's.
+    measured = bound_tightness.measure(str(fresh / "l1/seed0"), num_batches=1, rebuild=True)
+    assert measured.pop("twin")["identical"] is True
+    own = bound_tightness.run_tightness(str(lost / "l1/seed0"), num_batches=1)
+    assert measured == {**own, "batches": 1}
+    # A run whose warm start is gone everywhere says so.
+    shutil.rmtree(tmp_path / "archive" / "runs" / "base/seed0" / "checkpoints")
+    shutil.rmtree(fresh / "base/seed0" / run_sweep.TWIN)
+    with pytest.raises(FileNotFoundError, match="cannot be rebuilt: .*neither in the workdir"):
+      run_sweep.rebuild_twin(str(fresh / "base/seed0"))
+  finally:
+    archive.configure(None, None)
+
+
 def test_sweep_runner_rejects_bad_sweeps(tiny_sweep, tmp_path):
   sweep_path, idx_dir = tiny_sweep
   with pytest.raises(ValueError, match="--only names no run .*: nope"):
