@@ -15,6 +15,7 @@ lambda sensitivity is the trade-off curves' (configs/tables/tradeoff.py).
 from configs.tables import common, methods, tuned
 
 REFERENCE = "l1 both, last epoch"
+FROM_THE_START = "l1 both, from the start"  # also the drift study's uniform run (drift.py)
 
 
 def get_config(arg=None):
@@ -28,7 +29,7 @@ def variants(l1: dict) -> dict[str, dict]:
       REFERENCE: dict(l1),
       "l1 weights only": {**l1, "reg.lambda_a": 0.0},
       "l1 activations only": {**l1, "reg.lambda_w": 0.0},
-      "l1 both, from the start": {**l1, "reg.start_epoch": 0},
+      FROM_THE_START: {**l1, "reg.start_epoch": 0},
   }
 
 
