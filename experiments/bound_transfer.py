@@ -80,13 +80,10 @@ def markdown(rows: list[dict]) -> str:
     cells = []
     for name in names:
       p = row["points"][name]
-      if len(p["per_seed"]) > 1:
-        cells.append(f"{p['own'][0]:.2f} ± {p['own'][1]:.2f} → {p['transferred'][0]:.2f} ± "
-                     f"{p['transferred'][1]:.2f}; " + make_tables.paired_cell(p["per_seed"].values()))
-      else:  # one seed: no spread to state
-        (difference,) = p["per_seed"].values()
-        cells.append(f"{p['own'][0]:.2f} ± {p['own'][1]:.2f} → {p['transferred'][0]:.2f}; "
-                     f"{difference:+.2f}")
+      (mean, std), differences = p["transferred"], list(p["per_seed"].values())
+      moved = (f"{mean:.2f} ± {std:.2f}; " + make_tables.paired_cell(differences)
+               if len(differences) > 1 else f"{mean:.2f}; {differences[0]:+.2f}")  # one: no spread
+      cells.append(f"{p['own'][0]:.2f} ± {p['own'][1]:.2f} → {moved}")
     seeds = lambda key: ", ".join(str(s) for s in row[key]) or "none"
     lines.append(f"| {row['network']} | {row['form']} | {row['own_bits']} → "
                  f"{row['transferred_bits']} | {seeds('own_seeds')} → {seeds('transferred_seeds')} | "

@@ -239,21 +239,19 @@ def rebuild_twin(run_dir: str) -> str:
     if root is None:
       raise ValueError(f"{run_dir}: its run.json names it {run['name']!r}, not its path.")
     source = os.path.join(root, run["warm_start"]) if run.get("warm_start") else real
-    step_dir = start_checkpoint(config, source)
-    found = step_dir if os.path.isdir(step_dir) else archive.archived_checkpoint(step_dir)
-    if found is None:
-      raise FileNotFoundError(f"{run_dir} cannot be rebuilt: {step_dir}, the checkpoint it "
-                              "started from, is neither in the workdir nor in the archive.")
-    shutil.copytree(found, os.path.join(twin, "checkpoints", os.path.basename(step_dir)))
+    if not warm_start(config, checkpoint.read_run_config(source), source, twin):
+      raise FileNotFoundError(f"{run_dir} cannot be rebuilt: {start_checkpoint(config, source)}, "
+                              "the checkpoint it started from, is neither in the workdir nor in "
+                              "the archive.")
   print(f"=== {run_dir}: rebuilding its trained model in {TWIN}/ ===", flush=True)
   main.train_and_evaluate(config, twin)
   rows = lambda d: {(r["weight_bits"], r["act_bits"]): r["accuracy"]
                     for r in report.read_finished_results(os.path.join(d, "results.json"))["rows"]}
   own, rebuilt = rows(run_dir), rows(twin)
-  shared = sorted(set(own) & set(rebuilt), key=str)
   report.write_json_atomic(os.path.join(twin, TWIN_RECORD), {
       "identical": own == rebuilt,
-      "max_accuracy_difference": max((abs(own[k] - rebuilt[k]) for k in shared), default=None),
+      "max_accuracy_difference": max((abs(own[k] - rebuilt[k]) for k in set(own) & set(rebuilt)),
+                                     default=None),
       "cpu": report.cpu_model()})
   jax.clear_caches()
   return twin
