@@ -275,10 +275,11 @@ def _duration(seconds: float) -> str:
 
 def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
               choices: Mapping[str, dict] | None = None,
-              after_run: Callable[[str], None] | None = None) -> Sweep:
+              after_run: Callable[[str], None] | None = None, wait: bool = True) -> Sweep:
   """Trains and sweeps every unfinished run of the sweep in root/<name>; returns the sweep.
   after_run(run_dir) follows each run trained here (e.g. its re-sweeps), before the run is
-  archived (experiments.archive)."""
+  archived (experiments.archive). wait=False leaves the runs other workers hold to them
+  (for_each_claimed), so that a study can train another sweep's free runs before waiting."""
   sweep = load_sweep(spec, choices)
   names = [run["name"] for run in sweep.runs]
   unknown = sorted(set(only or ()) - set(names))
@@ -322,20 +323,22 @@ def run_sweep(spec: str, root: str, only: Sequence[str] | None = None,
   def source(run: dict[str, Any]) -> str | None:
     return os.path.join(root, run["warm_start"]) if run.get("warm_start") else None
 
-  for_each_claimed(todo, lambda run: os.path.join(root, run["name"]), train, source)
+  for_each_claimed(todo, lambda run: os.path.join(root, run["name"]), train, source, wait)
   return sweep
 
 
 def for_each_claimed(items: Sequence[Any], run_dir: Callable[[Any], str],
                      work: Callable[[Any], None],
-                     source: Callable[[Any], str | None] = lambda item: None) -> None:
+                     source: Callable[[Any], str | None] = lambda item: None,
+                     wait: bool = True) -> None:
   """work(item) for each item while holding its run's claim (CLAIM). Items whose run another
   live worker holds are skipped, then waited for: once their workers release them, each is
   claimed and work(item) called again, so work re-checks whether it is still to do (the other
   worker may have done it, or have stopped part-way). What follows (a sweep's tables, the next
   step of a study) therefore starts only once every item is done, in whichever worker ends
   last. An item whose source(item) (the run it warm-starts from) another worker holds waits
-  for it the same way, instead of training that run's shared epochs again."""
+  for it the same way, instead of training that run's shared epochs again. wait=False returns
+  after one pass instead of waiting, leaving the held items to their workers."""
   pending = list(items)
   while pending:
     busy, held = [], []
@@ -365,6 +368,8 @@ def for_each_claimed(items: Sequence[Any], run_dir: Callable[[Any], str],
           work(item)
         finally:
           _CLAIMED_HERE.discard(path)
+    if not wait:
+      return
     _wait_for_others(held)
     pending = busy
 

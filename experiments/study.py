@@ -508,14 +508,16 @@ def drift_runs(workdir: str, net: str) -> None:
   choices = run_sweep.read_choices(path)
   sweep = run_sweep.load_sweep(_table("drift", f"net={net}"), choices)
   share_tuned_runs(root, net, sweep, os.path.join(root, "drift"))
-  run_sweep.run_sweep(sweep.spec, os.path.join(root, "drift"), choices=choices)
   # The uniform penalty from the start: the ablations' runs, trained here where they are gone.
   l1 = {"l1": run_sweep.read_choices(os.path.join(RESULTS, network.tuning, "choices.json"))["l1"]}
   ablations_sweep = run_sweep.load_sweep(_table("ablations", f"net={net}"), l1)
-  run_sweep.run_sweep(ablations_sweep.spec, os.path.join(root, "ablations"), choices=l1,
-                      only=[r["name"] for r in ablations_sweep.runs
-                            if r["labels"]["method"] == ablations_config.FROM_THE_START],
-                      after_run=STRONG)
+  # Each worker trains what is free in both sweeps before it waits for the others' runs.
+  for wait in (False, True):
+    run_sweep.run_sweep(sweep.spec, os.path.join(root, "drift"), choices=choices, wait=wait)
+    run_sweep.run_sweep(ablations_sweep.spec, os.path.join(root, "ablations"), choices=l1,
+                        only=[r["name"] for r in ablations_sweep.runs
+                              if r["labels"]["method"] == ablations_config.FROM_THE_START],
+                        after_run=STRONG, wait=wait)
   sets = (("bound from the start", os.path.join(root, "drift", "bound_from_the_start")),
           ("bound last epoch", os.path.join(root, "bound", "bound")),
           ("l1 from the start", os.path.join(root, "ablations", "l1_both_from_the_start")),

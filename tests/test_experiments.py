@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from unittest import mock
 
 import chex
@@ -206,6 +207,30 @@ def test_workers_share_a_sweep_by_claiming_runs(tiny_sweep, tmp_path, capsys, ca
     assert run_sweep.is_finished(str(root / name))
     assert run_sweep.is_finished(str(root / name), reevaluate.results_name("paper"))
   assert not list(root.glob("**/" + run_sweep.CLAIM))
+
+
+def test_a_worker_that_does_not_wait_leaves_the_held_runs_and_returns(tmp_path, capsys):
+  """wait=False: one pass over the items, work done on the free ones under their claims, the ones
+  a live worker holds left to it, and no waiting (a study trains a second sweep's free runs
+  before it waits for the first's)."""
+  done = []
+  with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) as other:
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / run_sweep.CLAIM).write_text(json.dumps(
+        {"pid": other.pid, "host": socket.gethostname(), "since": "earlier"}))
+
+    def work(name):
+      assert (tmp_path / name / run_sweep.CLAIM).exists()  # under its claim
+      done.append(name)
+
+    start = time.time()
+    run_sweep.for_each_claimed(["free", "held", "also-free"], lambda name: str(tmp_path / name),
+                               work, wait=False)
+    assert time.time() - start < run_sweep.POLL_SECONDS
+    other.kill()
+  assert done == ["free", "also-free"]
+  assert "waiting" not in capsys.readouterr().out
+  assert not (tmp_path / "free" / run_sweep.CLAIM).exists()  # released
 
 
 def test_a_run_waits_for_the_run_it_warm_starts_from_while_another_worker_trains_it(
