@@ -3,6 +3,7 @@ per-channel loop, finite differences, the loss increase of an actual worst-case 
 and the rescalings it must be (and the uniform penalty is not) invariant to."""
 import functools
 import json
+import os
 
 import chex
 import jax
@@ -339,3 +340,32 @@ def test_a_bound_run_trains_with_the_lazy_schedules(idx_dir, tmp_path):
     np.testing.assert_allclose(logged[key], np.sqrt(np.sum(np.square(np.asarray(array)))),
                                rtol=1e-6)
   assert len([k for k in logged if k.startswith("norms/")]) == 5 + 4  # kernels, BatchNorms
+
+
+def test_first_steps_replay_a_bound_runs_own_regularized_steps(idx_dir, tmp_path):
+  """experiments.bound_first_steps takes the run's own steps: from the checkpoint it warm-started
+  at, each regularized step's task loss and bound terms equal what the run logged at that step
+  (train.log_every_steps=1); a variant that changes BatchNorm's momentum changes the steps after
+  the first (the fold's running statistics), and the momentum is restored after it."""
+  from experiments import bound_first_steps  # pylint: disable=g-import-not-at-top
+  from qreg import main  # pylint: disable=g-import-not-at-top
+  from qreg.models import layers  # pylint: disable=g-import-not-at-top
+  from tests.fakes import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(idx_dir)
+  config.reg.form, config.reg.bound_bits = "bound", 4
+  config.train.log_every_steps = 1
+  workdir = str(tmp_path / "run")
+  main.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = {r["step"]: r for r in map(json.loads, f) if "train/task_loss" in r}
+  step_dir = bound_first_steps.start_checkpoint(config, workdir)
+  first = int(os.path.basename(step_dir))
+  rows = bound_first_steps.first_steps(config, step_dir, 3)
+  for i, row in enumerate(rows):
+    for key in ("task_loss", "bound_weights", "bound_activations", "grad_norm"):
+      assert row[key] == logged[first + i + 1][f"train/{key}"], (i, key)
+  momentum = layers.BN_MOMENTUM
+  moved = bound_first_steps.first_steps(config, step_dir, 2, bn_momentum=0.0)
+  assert layers.BN_MOMENTUM == momentum
+  assert moved[0] == rows[0]  # the first step folds the checkpoint's running statistics
+  assert moved[1]["bound_weights"] != rows[1]["bound_weights"]
