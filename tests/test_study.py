@@ -72,9 +72,13 @@ def tiny_study(idx_dir, tmp_path, monkeypatch):
   return tmp_path / "workdirs", tmp_path / "results"
 
 
-def test_network_table_study_end_to_end_and_resumed(tiny_study):
+def test_network_table_study_end_to_end_and_resumed(tiny_study, tmp_path, capsys):
+  """The study end to end, each run archived as it ends (--archive); resumed, it redoes only
+  what is unfinished; with --tuning=committed it retrains nothing of the tuning; and a workdir
+  lost comes back from the archive, nothing trained or re-swept again, the tables the same."""
   workdir, results = tiny_study
-  study.run_study("network_table", str(workdir), "tiny")
+  archived = tmp_path / "archive"
+  study.run_study("network_table", str(workdir), "tiny", archive_dir=str(archived))
 
   choices = json.loads((results / "tiny" / "tuning" / "choices.json").read_text())
   assert list(choices["methods"]) == ["l1"]
@@ -117,14 +121,7 @@ def test_network_table_study_end_to_end_and_resumed(tiny_study):
   assert not (workdir / "tiny" / "tuning").exists()
   assert {p: (results / "tiny" / p / "table.md").read_text() for p in tables} == tables
 
-
-def test_a_study_resumes_from_its_archive_in_a_fresh_workdir(tiny_study, tmp_path, capsys):
-  """With --archive, a table whose workdir is lost comes back from the archive: nothing is
-  trained or re-swept again and the tables are the same."""
-  workdir, results = tiny_study
-  archived = tmp_path / "archive"
-  study.run_study("network_table", str(workdir), "tiny", archive_dir=str(archived))
-  tables = {p: (results / "tiny" / p / "table.md").read_text() for p in ("paper", "strong")}
+  # --archive: the workdir lost, the study comes back from the archive (the first run's records).
   assert (archived / "tiny" / "tuned" / "l1" / "seed1" / "results_strong.json").exists()
   assert (archived / "tiny" / "tuned" / "l1" / "seed1" / "tightness.json").exists()
   shutil.rmtree(workdir)
