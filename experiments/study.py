@@ -252,6 +252,7 @@ def write_tightness(root: str, net: str, rebuild: bool = False) -> None:
 def tightness(workdir: str, net: str) -> None:
   """write_tightness for every run of the tables, a run restored without its trained model
   measured on its twin, retrained from its archived warm start (run_sweep.rebuild_twin)."""
+  share_into_extensions(os.path.join(workdir, net), net)
   write_tightness(os.path.join(workdir, net), net, rebuild=True)
 
 
@@ -398,6 +399,17 @@ def share_tuned_runs(root: str, net: str, sweep: run_sweep.Sweep, sweep_root: st
   share_from({**tables, **curve_runs(root, net)}, root, sweep, sweep_root)
 
 
+def share_into_extensions(root: str, net: str) -> None:
+  """Links the tuned table's runs into each extension's table, as grid_extension does, where a
+  workdir restored from the archive lacks them: its runs' twins start from their no-reg runs'
+  checkpoints (run_sweep.rebuild_twin)."""
+  for ext in TABLE_EXTENSIONS:
+    path = os.path.join(RESULTS, _network(net).tables, ext, "tuning", "choices.json")
+    if os.path.isdir(os.path.join(root, ext)) and os.path.exists(path):
+      sweep = run_sweep.load_sweep(_table("tuned", f"net={net}"), run_sweep.read_choices(path))
+      share_tuned_runs(root, net, sweep, os.path.join(root, ext))
+
+
 def curve_runs(root: str, net: str) -> dict[str, run_sweep.Sweep]:
   """{"tradeoff": the trade-off curves' sweep} where the network's curves have runs."""
   if net in tradeoff_config.GRIDS and os.path.isdir(os.path.join(root, "tradeoff")):
@@ -518,6 +530,7 @@ def drift_runs(workdir: str, net: str) -> None:
                         only=[r["name"] for r in ablations_sweep.runs
                               if r["labels"]["method"] == ablations_config.FROM_THE_START],
                         after_run=STRONG, wait=wait)
+  share_into_extensions(root, net)  # the bound table's twins start from its no-reg runs
   sets = (("bound from the start", os.path.join(root, "drift", "bound_from_the_start")),
           ("bound last epoch", os.path.join(root, "bound", "bound")),
           ("l1 from the start", os.path.join(root, "ablations", "l1_both_from_the_start")),
