@@ -31,14 +31,19 @@ def test_depthwise_conv_equals_grouped_conv(kernel_size, strides, spatial):
   ours = DepthwiseConv(kernel_size, strides, use_bias=True)
   reference = nn.Conv(channels, kernel_size, strides, padding="SAME",
                       feature_group_count=channels, use_bias=True)
-  params = ours.init(jax.random.key(1), x)
-  chex.assert_trees_all_equal(params, reference.init(jax.random.key(1), x))  # layout and init
+  # Compiled, not eager: each eager op compiles on its own, which takes longer.
+  params = jax.jit(ours.init)(jax.random.key(1), x)
+  chex.assert_trees_all_equal(params, jax.jit(reference.init)(jax.random.key(1), x))  # layout, init
   params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
-  cotangent = jax.random.normal(jax.random.key(3), reference.apply(params, x).shape)
+  cotangent = jax.random.normal(jax.random.key(3),
+                                jax.eval_shape(reference.apply, params, x).shape)
 
   def output_and_gradients(module):
-    y, vjp = jax.vjp(module.apply, params, x)
-    return y, vjp(cotangent)
+    @jax.jit
+    def compute(params, x, cotangent):
+      y, vjp = jax.vjp(module.apply, params, x)
+      return y, vjp(cotangent)
+    return compute(params, x, cotangent)
 
   chex.assert_trees_all_close(output_and_gradients(ours), output_and_gradients(reference),
                               rtol=1e-5, atol=1e-5)
@@ -72,7 +77,8 @@ def test_fold_batch_norm_preserves_mobilenet_outputs(stem, shape):
   variables = random_variables(model, shape)
   x = jax.random.normal(jax.random.key(1), shape)
   expected = jax.jit(functools.partial(model.apply, train=False))(variables, x)
-  folded = quant.fold_batch_norm(variables["params"], variables["batch_stats"], BN_EPSILON)
+  folded = jax.jit(quant.fold_batch_norm, static_argnums=2)(  # eager: each layer's ops compile
+      variables["params"], variables["batch_stats"], BN_EPSILON)
   assert "bn" not in str(jax.tree_util.tree_structure(folded))
   assert folded["stage2_block1"]["depthwise"]["conv"]["bias"].shape == (8 * 6,)
   folded_apply = jax.jit(functools.partial(model.clone(folded=True).apply, train=False))
@@ -203,7 +209,8 @@ def test_nonpositive_width_rejected(tmp_path):
 def test_mobilenet_stems_total_strides_on_28x28(stem, final_map):
   # 8, 16 and 32: the stride-2 layers each stem keeps, counted from the map the last conv sees.
   model = MobileNetV2(stem=stem, width_multiplier=0.25)
-  x = jnp.zeros(SHAPE)
-  variables = model.init(jax.random.key(0), x)
-  _, state = model.apply(variables, x, capture_intermediates=lambda m, _: m.name == "last")
+  x = jax.ShapeDtypeStruct(SHAPE, jnp.float32)  # shapes only: nothing is computed or compiled
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  _, state = jax.eval_shape(functools.partial(
+      model.apply, capture_intermediates=lambda m, _: m.name == "last"), variables, x)
   assert state["intermediates"]["last"]["__call__"][0].shape[1:3] == (final_map, final_map)
