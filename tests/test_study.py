@@ -113,10 +113,10 @@ def test_network_table_study_end_to_end_and_resumed(tiny_study, tmp_path, capsys
   assert {path for path in runs if os.path.getmtime(path) != mtimes[path]} == {cut}
   assert {p: (results / "tiny" / p / "table.md").read_text() for p in tables} == tables
 
-  # --tuning=committed: a table whose workdir is gone is retrained at the committed choices,
-  # nothing of the tuning trained, and comes back the same.
+  # --tuning=committed: a table run whose workdir is gone is retrained at the committed choices,
+  # nothing of the tuning trained, and the table comes back the same (one run: each costs).
   shutil.rmtree(workdir / "tiny" / "tuning")
-  shutil.rmtree(workdir / "tiny" / "tuned" / "l1")
+  shutil.rmtree(workdir / "tiny" / "tuned" / "l1" / "seed1")
   study.run_study("network_table", str(workdir), "tiny", tuning="committed")
   assert not (workdir / "tiny" / "tuning").exists()
   assert {p: (results / "tiny" / p / "table.md").read_text() for p in tables} == tables
