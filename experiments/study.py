@@ -387,27 +387,30 @@ def share_tuned_runs(root: str, net: str, sweep: run_sweep.Sweep, sweep_root: st
   forms' transfer test and of the trade-off curves that train as one of the sweep's runs does
   (same config but the sweep's bit settings; share_runs); the tuned table's no-reg runs are
   trained first where they are gone."""
-  tables = {"tuned": tuned_no_reg_runs(root, net)}
-  for ext in TABLE_EXTENSIONS:
-    choices = os.path.join(RESULTS, _network(net).tables, ext, "tuning", "choices.json")
-    if os.path.isdir(os.path.join(root, ext)) and os.path.exists(choices):
-      tables[ext] = run_sweep.load_sweep(_table("tuned", f"net={net}"),
-                                         run_sweep.read_choices(choices))
+  tables = {"tuned": tuned_no_reg_runs(root, net), **extension_tables(root, net)}
   if net != "small_cnn" and os.path.isdir(os.path.join(root, "bound_transfer")):
     tables["bound_transfer"] = run_sweep.load_sweep(_table("tuned", f"net={net}"),
                                                     transferred_choices())
   share_from({**tables, **curve_runs(root, net)}, root, sweep, sweep_root)
 
 
+def extension_tables(root: str, net: str) -> dict[str, run_sweep.Sweep]:
+  """{ext: the tuned table at ext's committed choices} for each extension with runs in root."""
+  tables = {}
+  for ext in TABLE_EXTENSIONS:
+    choices = os.path.join(RESULTS, _network(net).tables, ext, "tuning", "choices.json")
+    if os.path.isdir(os.path.join(root, ext)) and os.path.exists(choices):
+      tables[ext] = run_sweep.load_sweep(_table("tuned", f"net={net}"),
+                                         run_sweep.read_choices(choices))
+  return tables
+
+
 def share_into_extensions(root: str, net: str) -> None:
   """Links the tuned table's runs into each extension's table, as grid_extension does, where a
   workdir restored from the archive lacks them: its runs' twins start from their no-reg runs'
   checkpoints (run_sweep.rebuild_twin)."""
-  for ext in TABLE_EXTENSIONS:
-    path = os.path.join(RESULTS, _network(net).tables, ext, "tuning", "choices.json")
-    if os.path.isdir(os.path.join(root, ext)) and os.path.exists(path):
-      sweep = run_sweep.load_sweep(_table("tuned", f"net={net}"), run_sweep.read_choices(path))
-      share_tuned_runs(root, net, sweep, os.path.join(root, ext))
+  for ext, sweep in extension_tables(root, net).items():
+    share_tuned_runs(root, net, sweep, os.path.join(root, ext))
 
 
 def curve_runs(root: str, net: str) -> dict[str, run_sweep.Sweep]:
