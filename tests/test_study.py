@@ -72,7 +72,7 @@ def tiny_study(idx_dir, tmp_path, monkeypatch):
   return tmp_path / "workdirs", tmp_path / "results"
 
 
-def test_network_table_study_end_to_end_and_resumed(tiny_study, tmp_path, capsys):
+def test_network_table_study_end_to_end_and_resumed(tiny_study, tmp_path, capsys, monkeypatch):
   """The study end to end, each run archived as it ends (--archive); resumed, it redoes only
   what is unfinished; with --tuning=committed it retrains nothing of the tuning; and a workdir
   lost comes back from the archive, nothing trained or re-swept again, the tables the same."""
@@ -132,6 +132,22 @@ def test_network_table_study_end_to_end_and_resumed(tiny_study, tmp_path, capsys
   assert {p: (results / "tiny" / p / "table.md").read_text() for p in tables} == tables
   machines = json.loads((results / "tiny" / "paper" / "machines.json").read_text())
   assert list(machines.values()) == [4]  # this machine: no-reg and l1, 2 seeds
+
+  # An extension table in the restored workdir: share_into_extensions links in the tuned runs
+  # that train as its runs do (no-reg; l1 at the same choice), not a run at another λ.
+  ext = results / "tiny" / "bound" / "tuning" / "choices.json"
+  ext.parent.mkdir(parents=True)
+  ext.write_text(json.dumps({"methods": {
+      "l1": {"overrides": chosen},
+      "l1-other": {"overrides": {**chosen, "reg.lambda_a": chosen["reg.lambda_a"] * 3}}}}))
+  (workdir / "tiny" / "bound").mkdir()
+  monkeypatch.setattr(study.tuned, "SEEDS", (0, 1))  # the tiny tuned table's seeds
+  study.share_into_extensions(str(workdir / "tiny"), "tiny")
+  linked = {f"{m}/seed{s}" for m in ("no-reg", "l1", "l1-other") for s in (0, 1)
+            if (workdir / "tiny" / "bound" / m / f"seed{s}").is_symlink()}
+  assert linked == {"no-reg/seed0", "no-reg/seed1", "l1/seed0", "l1/seed1"}
+  assert os.path.samefile(workdir / "tiny" / "bound" / "l1" / "seed1",
+                          workdir / "tiny" / "tuned" / "l1" / "seed1")
 
 
 def test_committed_tuning_needs_the_committed_choices(tiny_study):
