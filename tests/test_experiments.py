@@ -763,6 +763,19 @@ def test_grid_extensions_continue_the_grids_below_the_tuning(net, ext, methods):
                for o in extension)
 
 
+def test_bound_low_continues_layer_bounds_grid_to_weaker_widths():
+  runs = run_sweep.load_sweep(table("tuning", "net=mobilenetv2,grid=bound_low")).runs
+  assert [run["name"] for run in runs] == ["no-reg", "layer-bound/0", "layer-bound/1"]
+  assert all(run["warm_start"] == "no-reg" for run in runs[1:])
+  default = [o["reg.bound_bits"] for o in tuning.BOUND_GRIDS["layer-bound"]]
+  bits = [run["overrides"]["reg.bound_bits"] for run in runs[1:]]
+  assert min(bits) > max(default)  # weaker than every pre-registered width (a bit fewer: 2x)
+  assert all(b - a == 2 for a, b in zip(sorted(default + bits), sorted(default + bits)[1:]))
+  assert all({k: v for k, v in run["overrides"].items() if k != "reg.bound_bits"}
+             == {k: v for k, v in tuning.BOUND_GRIDS["layer-bound"][0].items()
+                 if k != "reg.bound_bits"} for run in runs[1:])
+
+
 def test_reevaluate_applies_the_protocol_and_redoes_only_unfinished_runs(reference_copy):
   """A re-sweep under a protocol gives the rows that evaluating the checkpoint with the protocol
   in its config gives (not the run's own rows), once per run; a truncated one is redone."""
