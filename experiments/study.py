@@ -224,8 +224,6 @@ def multibit_qat(workdir: str, net: str) -> None:
 
 def bound_penalty(workdir: str, net: str) -> None:
   grid_extension(workdir, net, "bound")
-  if (net, "bound_low") in tuning_config.EXTENSIONS:  # a form whose whole grid failed the budget
-    grid_extension(workdir, net, "bound_low")  # a supplement, as the tuned table's low grids
   root = os.path.join(workdir, net)
   if net != "small_cnn":  # the transfer test: SmallCNN's validation choices, unchanged
     choices = transferred_choices()
@@ -236,6 +234,8 @@ def bound_penalty(workdir: str, net: str) -> None:
     both_protocols(os.path.join(root, "bound_transfer"),
                    os.path.join(RESULTS, _network(net).tables, "bound_transfer"))
     print(bound_transfer.write_transfer(), flush=True)
+  if (net, "bound_low") in tuning_config.EXTENSIONS:  # a form whose whole grid failed the budget
+    grid_extension(workdir, net, "bound_low")  # a supplement, as the tuned table's low grids
   write_tightness(root, net)
   if net in table1.NETWORKS:
     print(table1.write_table1(), flush=True)
